@@ -1,0 +1,45 @@
+"""Export: a folder that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    <dir>/config.json, model.safetensors, tokenizer files, generation_config.json
+    <dir>/compression.json   resolved recipe, teacher identity, stages run, final metrics
+
+Written to ``<dir>.tmp-<pid>`` and renamed into place (``compress.checkpoint.publish_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from compress.checkpoint import publish_dir
+
+
+def bytes_on_disk(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob(pattern))
+
+
+def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict) -> Path:
+    out = Path(out_dir)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.use_cache = True  # for users who generate with the export
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = dict(info, bytes_on_disk=bytes_on_disk(tmp))
+        (tmp / "compression.json").write_text(json.dumps(info, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.config.use_cache = False
+    publish_dir(tmp, out)
+    return out

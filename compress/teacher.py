@@ -1,0 +1,38 @@
+"""The frozen teacher: never trained, never given optimizer state or gradients.
+
+Placement (``teacher.shard`` in the recipe):
+  * ``none``: one frozen copy per rank (in ``teacher.dtype``; bf16 halves it on GPU);
+  * ``zero3``: parameters partitioned across ranks by an inference-only DeepSpeed ZeRO-3
+    engine, gathered layer by layer during forward, so N ranks hold 1/N of it each.
+The other memory saver is offline KD (``compress.offline_kd``): top-k log-probs once to disk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Teacher:
+    def __init__(self, model: nn.Module, *, shard: str = "none", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, micro_batch: int = 1):
+        model.eval().requires_grad_(False)
+        model.config.use_cache = False
+        self.config = model.config
+        if shard == "zero3":
+            import deepspeed
+
+            ds = {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
+                  "bf16": {"enabled": dtype == torch.bfloat16}}
+            engine, *_ = deepspeed.initialize(model=model, config=ds)  # no optimizer: inference only
+            engine.eval()
+            self.module = engine
+        else:
+            self.module = model.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, hidden: bool = False):
+        return self.module(input_ids=input_ids, output_hidden_states=hidden)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self(input_ids).logits

@@ -1,0 +1,1 @@
+"""Evaluation of compressed models against their teacher."""

@@ -1,0 +1,56 @@
+"""Teacher-relative quality on held-out blocks: perplexity, top-1 agreement, KL(teacher‖student).
+
+At this scale these are the sensitive signals of what compression cost: a student can keep
+MMLU at chance level like its teacher and still drift far from it token by token.
+
+    m = pair_metrics(student_logits_fn, teacher_logits_fn, val_blocks)
+    m["student_ppl"], m["teacher_ppl"], m["ppl_ratio"], m["top1_agreement"], m["kl"]
+
+Runs on every rank over a disjoint shard of the blocks and all-reduces the sums, so it works
+with ZeRO-3 partitioned models (every rank calls forward the same number of times).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, T, V) logits
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def pair_metrics(student: LogitsFn, teacher: LogitsFn | None, blocks: torch.Tensor, *, batch_size: int = 8,
+                 rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
+    """Sums over this rank's share of ``blocks`` ((N, T+1) token ids), reduced over ranks."""
+    n = (len(blocks) // world) * world
+    mine = blocks[rank:n:world]
+    # sums: student nll, teacher nll, agreement, kl, tokens
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size].long().to(device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        s_logp = F.log_softmax(student(x).float(), dim=-1)
+        sums[0] += -s_logp.gather(-1, y[..., None]).sum()
+        sums[4] += y.numel()
+        if teacher is not None:
+            t_logp = F.log_softmax(teacher(x).float(), dim=-1)
+            v = min(s_logp.shape[-1], t_logp.shape[-1])  # vocabularies padded to different sizes
+            s_v, t_v = s_logp[..., :v], t_logp[..., :v]
+            sums[1] += -t_logp.gather(-1, y[..., None]).sum()
+            sums[2] += (s_v.argmax(-1) == t_v.argmax(-1)).sum()
+            sums[3] += (t_v.exp() * (t_v - s_v)).sum()
+    s_nll, t_nll, agree, kl, tokens = _all_reduce(sums).tolist()
+    out = {"student_ppl": math.exp(s_nll / tokens), "eval_tokens": int(tokens)}
+    if teacher is not None:
+        out.update(teacher_ppl=math.exp(t_nll / tokens), top1_agreement=agree / tokens, kl=kl / tokens)
+        out["ppl_ratio"] = out["student_ppl"] / out["teacher_ppl"]
+    return out

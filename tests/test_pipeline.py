@@ -1,0 +1,104 @@
+"""End to end on tiny models, the way users run it: `python launch/distill.py --recipe ...`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compress.tracking import read_metrics
+from tests.tiny import REPO, run_env, write_recipe
+
+pytestmark = pytest.mark.slow
+
+RANDOM_STUDENT = {"init": "config", "config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64}}
+
+
+def launch(recipe, *overrides, check=True):
+    p = subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *overrides],
+                       capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_distill_end_to_end(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, student=RANDOM_STUDENT,
+                          train={"max_steps": 12, "lr": 1e-2, "save_every": 4},
+                          stages=[{"kind": "distill", "loss": "forward_kl", "ce_weight": 0.5}])
+    p = launch(recipe)
+    assert "| student (final) |" in p.stdout and "top1_agreement" in p.stdout
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")  # plain transformers, no code of ours
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+    assert len(tok) == 49152
+
+    info = json.loads((out / "final/compression.json").read_text())
+    assert info["recipe"]["train"]["max_steps"] == 12
+    assert info["teacher"]["source"] == str(tiny_teacher)
+    assert [s["kind"] for s in info["stages"]] == ["distill"]
+    init, final = info["metrics"]["init"], info["metrics"]["final"]
+    assert final["kl"] < 0.8 * init["kl"], (init, final)  # distillation moved the student to the teacher
+    assert info["bytes_on_disk"] == (out / "final/model.safetensors").stat().st_size
+
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert {"kd", "ce", "lr", "step_time"} <= set(steps[0])
+    assert steps[0]["lr"] < steps[2]["lr"], "warmup"
+    assert (out / "recipe.yaml").is_file()
+    ckpts = sorted(p.name for p in (out / "stages/0-distill/checkpoints").iterdir())
+    assert ckpts == ["step_0000008", "step_0000012"], ckpts  # keep_checkpoints=2
+
+
+def test_multi_stage_and_finished_stages_are_skipped(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 3},
+                          stages=[{"kind": "finetune"}, {"kind": "distill", "loss": "jsd", "max_steps": 2}])
+    launch(recipe)
+    rows = read_metrics(out)
+    assert {(r["stage"], r["step"]) for r in rows if "loss" in r} == {(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)}
+    assert "kd" not in [r for r in rows if r["stage"] == 0][0], "finetune has no teacher loss"
+    first = (out / "final/model.safetensors").read_bytes()
+    again = launch(recipe)
+    assert "stage 0 (finetune) already finished" in again.stdout
+    assert "stage 1 (distill) already finished" in again.stdout
+    assert (out / "final/model.safetensors").read_bytes() == first
+
+    changed = launch(recipe, "train.lr=0.01", check=False)
+    assert changed.returncode == 2 and "different recipe" in changed.stderr
+
+
+def test_hidden_state_kd_with_projection(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, student=RANDOM_STUDENT,
+                          train={"max_steps": 8, "lr": 3e-3},
+                          stages=[{"kind": "distill", "hidden_weight": 1.0, "hidden_layers": [0, -1], "top_k": 32}])
+    launch(recipe)
+    rows = [r for r in read_metrics(out) if "hidden_mse" in r]
+    assert len(rows) == 8 and rows[-1]["hidden_mse"] < rows[0]["hidden_mse"]
+    exported = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert exported.config.hidden_size == 32  # the 32->64 projection trained beside it is not exported
+
+
+def test_offline_kd_equals_online_topk(tiny_teacher, tmp_path):
+    def run(name, offline):
+        stage = {"kind": "distill", "top_k": 16, "temperature": 2.0}
+        if offline:
+            stage["offline"] = {"shard_blocks": 4}
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, tmp_path / name, student=RANDOM_STUDENT,
+                              train={"max_steps": 5}, stages=[stage])
+        launch(recipe)
+        return [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+
+    online, offline = run("online", False), run("offline", True)
+    # the cache stores fp16 log-probs: equal up to that rounding
+    torch.testing.assert_close(torch.tensor(offline), torch.tensor(online), rtol=2e-3, atol=1e-4)
+    cache = tmp_path / "offline/stages/0-distill/teacher_topk"
+    shards = sorted(cache.glob("shard_*.pt"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert len(manifest["blocks"]) <= 5 * 2 and len(shards) == -(-len(manifest["blocks"]) // 4)
+    assert all(torch.load(s)["ids"].shape[-1] == 16 for s in shards)
