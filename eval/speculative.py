@@ -60,9 +60,10 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, max_new_toke
                          eos_token_id: int | None = None) -> SpecResult:
     """Speculative decoding of one prompt (Leviathan et al. 2023; Chen et al. 2023).
 
+    Both models score only the shared ids [:min(V_draft, V_target)] (padding rows never win).
     temperature == 0: greedy, identical to the target's greedy decoding. temperature > 0: rejection
-    sampling, distributed as softmax(target_logits / temperature) over the shared vocabulary.
-    `generator` (on the target's device) makes the sampling reproducible.
+    sampling, distributed as softmax(target_logits / temperature). `generator` (on the target's
+    device) makes the sampling reproducible. Stops after max_new_tokens or at eos_token_id.
         res = speculative_generate(teacher, student, ids, max_new_tokens=64, k=4)
     """
     _check_prompt(input_ids)
@@ -102,10 +103,10 @@ def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator,
         # token after drafted[:i], the last row is the bonus position.
         feed = torch.cat([seq, drafted])[t_cache.get_seq_length():]
         target_logits = _forward(target, t_cache, feed, keep=k_round + 1)[:, :V]  # (k_round + 1, V)
-        if target_passes == 0 and not t_cache.is_croppable:
-            raise CompressError(f"{type(target).__name__}'s cache cannot be rolled back; "
-                                "speculative decoding needs a model whose KV cache supports crop")
         target_passes += 1
+        if target_passes == 1:  # some layers (linear attention) know only after prefill if they can
+            _check_croppable(target, t_cache)
+            _check_croppable(draft, d_cache)
 
         # 3. Keep the longest agreeing prefix plus one target token.
         if temperature == 0:
@@ -117,7 +118,8 @@ def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator,
         accepted += n_ok
         new = torch.cat([drafted[:n_ok], extra])
 
-        # 4. Roll both caches back to seq[:-1] of the new seq (crop(0) still trims sliding layers).
+        # 4. Roll both caches back to the new seq minus its last token (crop(0) still trims
+        # sliding-window layers back to their window).
         kept = seq.numel() + n_ok
         t_cache.crop(-(t_cache.get_seq_length() - kept))
         d_cache.crop(-max(0, d_cache.get_seq_length() - kept))
@@ -295,10 +297,17 @@ def _shared_vocab(target, draft) -> int:
 
 
 def _check_prompt(input_ids) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
-            or input_ids.shape[1] < 1 or input_ids.is_floating_point():
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise CompressError(f"input_ids has shape {shape}; pass one prompt of token ids with shape (1, T), T >= 1")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+        what = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise CompressError(f"input_ids is {what}; pass token ids as an integer tensor of shape (1, T)")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise CompressError(f"input_ids has shape {tuple(input_ids.shape)}; pass one prompt of shape (1, T), T >= 1")
+
+
+def _check_croppable(model, cache) -> None:
+    if not cache.is_croppable:
+        raise CompressError(f"{type(model).__name__}'s KV cache cannot be rolled back after a rejected draft; "
+                            "use models with attention (full or sliding-window) KV caches")
 
 
 def _check_lengths(k: int, max_new_tokens: int) -> None:

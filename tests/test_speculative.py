@@ -242,7 +242,7 @@ def test_bad_inputs(target, drafts, prompts):
         speculative_generate(target, draft, ids, max_new_tokens=0)
     with pytest.raises(CompressError, match="temperature"):
         speculative_generate(target, draft, ids, max_new_tokens=4, temperature=-1.0)
-    for bad in (ids[0], ids.repeat(2, 1), ids[:, :0], ids.float()):
+    for bad in (ids[0], ids.repeat(2, 1), ids[:, :0], ids.float(), ids.tolist()):
         with pytest.raises(CompressError, match=r"shape \(1, T\)"):
             speculative_generate(target, draft, bad, max_new_tokens=4)
     with pytest.raises(CompressError, match="tokenizer"):
