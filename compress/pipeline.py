@@ -118,7 +118,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(recipe.teacher.dtype, auto)
     teacher_model = load_model(recipe.teacher.source) if recipe.needs_teacher or recipe.student.init != "checkpoint" else None
     student, ctx.layer_map = build_student(recipe, teacher_model)
-    if recipe.needs_teacher:
+    if teacher_model is not None:  # also for teacher-free stages: the final table is teacher-relative
         ctx.teacher = Teacher(teacher_model, shard=recipe.teacher.shard, device=device, dtype=t_dtype,
                               micro_batch=recipe.train.micro_batch_size)
     del teacher_model

