@@ -8,3 +8,7 @@ a traceback and exit non-zero. Our own invariants use ``assert``.
 
 class CompressError(Exception):
     """User-facing error: one line, names the problem and the fix."""
+
+
+class GateFailure(CompressError):
+    """A quality gate declared in the recipe failed; the model was still exported and reported."""

