@@ -22,6 +22,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return True
+
+
 def plot_loss(metrics: list[dict], path: Path) -> bool:
     rows = [r for r in metrics if "loss" in r]
     if not rows:
@@ -34,10 +41,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
@@ -61,10 +65,7 @@ def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
         ax.axhline(0.25, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("weights (MiB)")
         ax.set_ylabel("MMLU accuracy (0.25 = chance)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_speculative(spec: list[dict], path: Path) -> bool:
@@ -78,10 +79,7 @@ def plot_speculative(spec: list[dict], path: Path) -> bool:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("draft tokens per round (k)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _quality_models(results: dict | None, summary: dict | None) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.tracking import read_metrics
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import REPO, make_tiny_model, run_env, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +102,27 @@ def test_offline_kd_equals_online_topk(tiny_teacher, tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())
     assert len(manifest["blocks"]) <= 5 * 2 and len(shards) == -(-len(manifest["blocks"]) // 4)
     assert all(torch.load(s)["ids"].shape[-1] == 16 for s in shards)
+
+
+def test_student_with_padded_vocabulary(tiny_teacher, tmp_path):
+    # Same tokenizer, embedding rounded up by 64 padding rows: KD runs over the shared ids.
+    student = make_tiny_model(tmp_path / "student", layers=2, hidden=32, seed=3, vocab_pad=64)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 3},
+                          student={"init": "checkpoint", "path": str(student)},
+                          stages=[{"kind": "distill", "loss": "reverse_kl", "top_k": 8}])
+    launch(recipe)
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.vocab_size == 49152 + 64
+    assert all(r["loss"] > 0 for r in read_metrics(out) if "loss" in r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 training path")
+def test_gpu_run_trains_in_bf16(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 4})
+    env_run = launch(recipe)
+    assert "| student (final) |" in env_run.stdout
+    info = json.loads((out / "final/compression.json").read_text())
+    assert info["metrics"]["final"]["kl"] < info["metrics"]["init"]["kl"] * 10  # finite, evaluated on GPU
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.dtype in (torch.bfloat16, "bfloat16")
