@@ -34,14 +34,16 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--runs", default="runs/bench_kd_vs_ce")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every variant, e.g. train.lr=1e-3")
+    ap.add_argument("--tag", default="kd_vs_ce", help="name of the result files")
     args = ap.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
     results = {}
     for name in args.variants.split(","):
-        out = Path(args.runs) / name
+        out = Path(args.runs) / args.tag / name
         cmd = [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(REPO / "recipes/smollm2_distill.yaml"),
                f"output_dir={out}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-               "train.save_every=1000", "wandb.mode=disabled", f"stages={VARIANTS[name]}", "--fresh"]
+               "train.save_every=1000", "wandb.mode=disabled", f"stages={VARIANTS[name]}", *args.set, "--fresh"]
         t0 = time.time()
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
         summary = json.loads((out / "summary.json").read_text())
@@ -58,15 +60,16 @@ def main() -> None:
         rows.append({"model": name, **_cols(r["final"]), "gap_vs_ce": gap, "seconds": r["seconds"]})
     tokens = args.steps * args.micro_batch * 128
     table = format_table(rows, ["model", "ppl", "ppl_ratio", "top1_agreement", "kl", "gap_vs_ce", "seconds"])
+    extra = "".join(f" --set {x}" for x in args.set) + (f" --tag {args.tag}" if args.tag != "kd_vs_ce" else "")
     header = (f"KD vs CE-only, SmolLM2-135M-Instruct → 16-layer drop-layers student, {args.steps} steps x "
               f"{args.micro_batch} x 128 tokens ({tokens:,} tokens), held-out Python docs.\n"
-              f"Command: .venv/bin/python benchmarks/kd_vs_ce.py --steps {args.steps} --micro-batch {args.micro_batch}\n")
+              f"Command: .venv/bin/python benchmarks/kd_vs_ce.py --steps {args.steps} --micro-batch {args.micro_batch}{extra}\n")
     print("\n" + header + "\n" + table)
     res = REPO / "benchmarks/results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "kd_vs_ce.json").write_text(json.dumps({"args": vars(args), "results": results, "rows": rows}, indent=2))
-    (res / "kd_vs_ce.md").write_text(header + "\n" + table + "\n")
-    _plot(rows, res / "kd_vs_ce.png")
+    (res / f"{args.tag}.json").write_text(json.dumps({"args": vars(args), "results": results, "rows": rows}, indent=2))
+    (res / f"{args.tag}.md").write_text(header + "\n" + table + "\n")
+    _plot(rows, res / f"{args.tag}.png")
 
 
 def _cols(m: dict) -> dict:

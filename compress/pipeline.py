@@ -119,7 +119,8 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
     if is_main:
         if fresh:
-            for name in ("stages", "final", "metrics.jsonl", "recipe.yaml", "summary.json"):
+            for name in ("stages", "final", "metrics.jsonl", "recipe.yaml", "summary.json", "init_metrics.json",
+                         "eval.json", "report.md", "report.html", "figures"):
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         _check_resumable(out, recipe)

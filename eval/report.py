@@ -1,4 +1,4 @@
-"""A report a person can read: ``<out>/report.md`` with tables and matplotlib PNGs.
+"""A report a person can read: ``<out>/report.md`` (and .html) with tables and matplotlib PNGs.
 
     write_report(out_dir, results=eval_results, metrics=read_metrics(out_dir), summary=summary)
 
@@ -136,6 +136,11 @@ def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: l
             lines += [f"![{name}](figures/{name}.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    import markdown
+
+    html = markdown.markdown("\n".join(lines), extensions=["tables"])
+    style = "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><style>{style}</style>{html}")
     if logger is not None and getattr(logger, "run", None) is not None:
         import wandb
 

@@ -80,8 +80,8 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
     blocks = val_blocks[: cfg.eval_blocks]
     pair = pair_metrics(lambda x: student(input_ids=x).logits, lambda x: teacher(input_ids=x).logits, blocks,
                         batch_size=cfg.batch_size, device=device)
-    t_scores = run_lm_eval(teacher, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size) if cfg.tasks else {}
-    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size) if cfg.tasks else {}
+    t_scores = run_lm_eval(teacher, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length) if cfg.tasks else {}
+    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length) if cfg.tasks else {}
     results["teacher"] = {"params": param_count(teacher), "bytes": param_count(teacher) * next(teacher.parameters()).element_size(),
                           "lm_eval": t_scores, "ppl": pair["teacher_ppl"]}
     results["student"] = {"params": param_count(student),

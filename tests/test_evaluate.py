@@ -31,6 +31,7 @@ def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, student_dir,
     assert [g["passed"] for g in res["gates"]] == [True, True] and res["passed"]
     report = (out / "report.md").read_text()
     assert "## Speculative decoding" in report and "## Gates" in report
+    assert "<table>" in (out / "report.html").read_text()
     for fig in ("quality_vs_size", "speculative"):
         assert f"figures/{fig}.png" in report and (out / f"figures/{fig}.png").stat().st_size > 1000
     assert "acceptance_rate" in capsys.readouterr().out

