@@ -32,4 +32,4 @@ if [ ! -d "$DOC/usr/share/doc/python3.11/html/_sources" ] && [ ! -d /usr/share/d
   dpkg -x .cache/deb/python3.11-doc_*.deb "$DOC"
   rm -rf .cache/deb
 fi
-echo "setup done: $(python -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)')"
+echo "setup done: $(python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "| transformers", v("transformers"), "| deepspeed", v("deepspeed"))')"
