@@ -1,7 +1,7 @@
 """Offline KD: the teacher's top-k log-probs, computed once to disk and streamed in training.
 
 Layout of ``<dir>``:
-    manifest.json      {"key": ..., "k": k, "temperature": T, "blocks": [block indices]}
+    manifest.json      {"key": ..., "k": k, "temperature": T, "shard_blocks": S, "blocks": [block indices]}
     shard_00000.pt     {"index": (n,) long, "ids": (n, T, k) int32, "logprobs": (n, T, k) fp16}
 Only the blocks the run will visit are computed: the training order is a function of
 (seed, step), so that set is known up front. Shards are written atomically and skipped when
@@ -30,14 +30,15 @@ def _shard_path(root: Path, j: int) -> Path:
 def precompute(teacher, data, blocks: list[int], root: Path, *, k: int, temperature: float, key_parts: list,
                shard_blocks: int, batch_size: int, rank: int, world: int, barrier, device) -> "TopkCache":
     blocks = sorted(set(blocks))
-    key = hashlib.sha256(json.dumps([*key_parts, k, temperature, blocks]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([*key_parts, k, temperature, shard_blocks, blocks]).encode()).hexdigest()[:16]
     manifest = root / "manifest.json"
     if rank == 0:
         if manifest.exists() and json.loads(manifest.read_text()).get("key") != key:
             shutil.rmtree(root)  # computed for another teacher/data/k: start over
         root.mkdir(parents=True, exist_ok=True)
         if not manifest.exists():
-            manifest.write_text(json.dumps({"key": key, "k": k, "temperature": temperature, "blocks": blocks}))
+            manifest.write_text(json.dumps({"key": key, "k": k, "temperature": temperature,
+                                            "shard_blocks": shard_blocks, "blocks": blocks}))
     barrier()
     shards = [blocks[i : i + shard_blocks] for i in range(0, len(blocks), shard_blocks)]
     mine = [j for j in range(len(shards)) if j % world == rank and not _shard_path(root, j).exists()]
@@ -60,13 +61,8 @@ class TopkCache:
     def __init__(self, root: Path):
         self.root = Path(root)
         meta = json.loads((self.root / "manifest.json").read_text())
-        self.k, self.shard_blocks = meta["k"], None
-        self.where = {}  # block index -> (shard, row)
-        blocks = meta["blocks"]
-        n_shards = len(list(self.root.glob("shard_*.pt")))
-        per = -(-len(blocks) // max(n_shards, 1))
-        for pos, b in enumerate(blocks):
-            self.where[b] = divmod(pos, per)
+        # block index -> (shard, row): shards hold consecutive runs of the sorted block list
+        self.where = {b: divmod(pos, meta["shard_blocks"]) for pos, b in enumerate(meta["blocks"])}
         self._loaded: dict[int, dict] = {}
 
     def _shard(self, j: int) -> dict:

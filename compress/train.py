@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -64,8 +63,8 @@ def _mean_over_ranks(values: dict, ctx: RunContext) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def evaluate(ctx: RunContext, student_logits, teacher_metrics: dict | None = None) -> dict:
-    """Held-out metrics of the student vs the teacher (teacher numbers computed once, cached)."""
+def evaluate(ctx: RunContext, student_logits) -> dict:
+    """Held-out metrics of the student vs the teacher on the first ``train.eval_blocks`` blocks."""
     tr = ctx.recipe.train
     blocks = ctx.data.val[: tr.eval_blocks]
     kw = dict(batch_size=tr.micro_batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device)
