@@ -92,8 +92,8 @@ def _eval_stage(index: int, stage: EvalStage, student, ctx) -> dict | None:
     results = json.loads(path.read_text()) if path.exists() else None
     if results is None and ctx.is_main:
         teacher = ctx.teacher.module
-        if not isinstance(teacher, torch.nn.Module) or ctx.recipe.teacher.shard != "none":
-            teacher = load_model(ctx.recipe.teacher.source).to(ctx.device).eval()  # unsharded copy
+        if ctx.recipe.teacher.shard != "none":  # a ZeRO-3 engine: evaluate an unsharded copy
+            teacher = load_model(ctx.recipe.teacher.source).to(ctx.device).eval()
         results = evaluate_pair(student, teacher, ctx.tokenizer, stage, ctx.data.val, device=ctx.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -216,7 +216,8 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     logger.finish()
     barrier()
     if eval_results is not None and not eval_results["passed"]:
-        failed = [f"{g['gate']} (measured {g['value']:.4g}, threshold {g['threshold']})" for g in eval_results["gates"] if not g["passed"]]
-        failed += [f"speculative k={r['k']} output differs from the teacher's" for r in eval_results["speculative"] if r["exact_match"] is False]
-        raise GateFailure("quality gates failed: " + "; ".join(failed) + "; the export is kept, loosen the gate or improve the student")
+        from eval.runner import failures
+
+        raise GateFailure("quality gates failed: " + "; ".join(failures(eval_results))
+                          + "; the export is kept, loosen the gate or improve the student")
     return summary

@@ -33,6 +33,8 @@ def task_manager(extra_dirs: list[str] = (), include_defaults: bool = True):
 
 def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
     """Fail fast, before any model loads, on a task name lm-eval does not know."""
+    if set(tasks) <= set(OUR_TASKS):
+        return  # no need to index lm-eval's own tasks
     known = set(task_manager(extra_dirs).all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -71,6 +73,4 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
 
 def check_eval_tasks(recipe) -> None:
     """The lm-eval tasks of every eval stage exist (cheap when they are all ours)."""
-    tasks = {t for s in recipe.stages if s.kind == "eval" for t in s.tasks}
-    if tasks - set(OUR_TASKS):
-        check_tasks(sorted(tasks))
+    check_tasks(sorted({t for s in recipe.stages if s.kind == "eval" for t in s.tasks}))

@@ -71,6 +71,15 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
     return out
 
 
+def failures(results: dict) -> list[str]:
+    """What made ``results["passed"]`` false, one phrase per failed gate or inexact k."""
+    failed = [f"{g['gate']} (measured {g['value']:.4g}, threshold {g['threshold']})"
+              for g in results["gates"] if not g["passed"]]
+    failed += [f"speculative k={r['k']} output differs from the teacher's"
+               for r in results["speculative"] if r["exact_match"] is False]
+    return failed
+
+
 def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *, student_dir=None,
                   device="cpu") -> dict:
     """Everything the eval stage and ``launch/evaluate.py`` report, as one JSON-able dict."""
