@@ -206,7 +206,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
         print("\n" + format_table([{**r, "ppl": r.get("student_ppl")} for r in rows],
                                   ["model", "params", "bytes_on_disk", "ppl", "ppl_ratio", "top1_agreement", "kl"]))
         from compress.tracking import read_metrics
-        from eval.report import eval_tables, write_report
+        from compress.report import eval_tables, write_report
 
         if eval_results is not None:
             (out / "eval.json").write_text(json.dumps(eval_results, indent=2, default=str))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from compress.checkpoint import latest_step, mark_complete, step_tag
 from compress.data import rank_micro_indices, sample_indices
 from compress.stages import RunContext, StageMethod
-from eval.metrics import pair_metrics
+from compress.metrics import pair_metrics
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -4,7 +4,7 @@
 
 Three kinds of evidence, then gates:
   1. lm-eval tasks (``eval.harness``) on both models, e.g. MMLU and held-out perplexity;
-  2. teacher-relative metrics on held-out blocks (``eval.metrics``): ppl ratio, top-1 agreement, KL;
+  2. teacher-relative metrics on held-out blocks (``compress.metrics``): ppl ratio, top-1 agreement, KL;
   3. speculative decoding (``eval.speculative``): the student drafts for its teacher, greedy
      output must equal the teacher's own, with acceptance rate and tokens/s for each k, and
      transformers' assisted generation on the same prompts beside ours;
@@ -20,7 +20,7 @@ import torch
 from compress.export import bytes_on_disk
 from compress.models import param_count
 from eval.harness import run_lm_eval
-from eval.metrics import pair_metrics
+from compress.metrics import pair_metrics
 from eval.speculative import assisted_generate_hf, serve_prompts, speculative_generate
 
 

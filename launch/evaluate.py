@@ -88,7 +88,7 @@ def run(args, cfg, tokenizer) -> int:
     from compress.data import prepare_data
     from compress.models import load_model
     from compress.recipe import DataConfig
-    from eval.report import eval_tables, write_report
+    from compress.report import eval_tables, write_report
     from eval.runner import evaluate_pair, failures
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,8 @@ def test_teacher_loads_with_our_packages_importable():
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(REPO)!r})
         import compress
-        from eval import metrics, speculative  # never `import eval`: it would shadow the builtin
+        from compress import metrics
+        from eval import speculative  # never `import eval`: it would shadow the builtin
         from compress.models import load_model, load_tokenizer
         tok, m = load_tokenizer({ALIAS!r}), load_model({ALIAS!r})
         c = m.config
