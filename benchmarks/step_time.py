@@ -27,7 +27,7 @@ def measure(mode: str, steps: int, micro_batch: int, warmup: int = 2) -> dict:
         os.environ.setdefault(k, v)
     import torch
 
-    from compress.distill import Distill
+    from compress.methods.distill import Distill
     from compress.models import build_student, load_model, load_tokenizer
     from compress.recipe import load_recipe
     from compress.stages import RunContext

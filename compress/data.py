@@ -6,8 +6,9 @@ Sources:
     ``.cache/python3.11-doc`` (or found installed under /usr/share/doc).
   * ``files``: any list of text files or globs.
 
-Documents (files) go to train or validation by a hash of their name, so the split does not
-depend on the order of files or on the tokenizer. Each side is tokenized, joined with the
+Documents (files) go to train or validation by a hash of their name (``split_documents``, the
+one place that decides it: training and the held-out lm-eval tasks both use it), so the split
+does not depend on the order of files or on the tokenizer. Each side is tokenized, joined with the
 EOS token and cut into blocks of ``block_size + 1`` tokens (inputs and shifted labels).
 Tokenized blocks are cached under ``data.cache_dir`` keyed by the text and the tokenizer.
 """
@@ -60,6 +61,25 @@ def is_validation(name: str, fraction: float) -> bool:
     return (h % 10_000) < fraction * 10_000
 
 
+def split_documents(cfg) -> tuple[Path, list[Path], list[Path]]:
+    """(root, train_files, val_files) for a ``DataConfig``: the one train/validation split.
+
+    A document is validation when the hash of its path relative to ``root`` says so
+    (``is_validation`` with ``cfg.val_fraction``), after ``cfg.max_docs`` is applied.
+
+        root, train, val = split_documents(recipe.data)
+    """
+    files = source_files(cfg)
+    # python-docs names are relative to the docs folder, whatever slice max_docs keeps
+    root = python_docs_dir() if cfg.source == "python-docs" else Path(os.path.commonpath([str(f.parent) for f in files]))
+    is_val = [is_validation(str(f.relative_to(root)), cfg.val_fraction) for f in files]
+    train = [f for f, v in zip(files, is_val) if not v]
+    val = [f for f, v in zip(files, is_val) if v]
+    if not val or not train:
+        raise CompressError(f"data split left an empty side ({len(train)} train / {len(val)} validation documents); add files or change data.val_fraction")
+    return root, train, val
+
+
 def _cache_key(files: list[Path], root: Path, tokenizer, cfg) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -100,15 +120,10 @@ class TokenData:
 
 def prepare_data(cfg, tokenizer, is_main: bool = True, barrier=lambda: None) -> TokenData:
     """Tokenize and pack once (main rank writes the cache, others wait), then load."""
-    files = source_files(cfg)
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    key = _cache_key(files, root, tokenizer, cfg)
+    root, train_files, val_files = split_documents(cfg)
+    key = _cache_key(sorted(train_files + val_files), root, tokenizer, cfg)
     path = Path(cfg.cache_dir) / f"blocks-{key}.pt"
     if is_main and not path.exists():
-        val_files = [f for f in files if is_validation(str(f.relative_to(root)), cfg.val_fraction)]
-        train_files = [f for f in files if f not in set(val_files)]
-        if not val_files or not train_files:
-            raise CompressError(f"data split left an empty side ({len(train_files)} train / {len(val_files)} validation documents); add files or change data.val_fraction")
         blocks = {"train": _blocks(_tokenize(train_files, tokenizer), cfg.block_size),
                   "val": _blocks(_tokenize(val_files, tokenizer), cfg.block_size)}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Written to ``<dir>.tmp-<pid>`` and renamed into place (``compress.checkpoint.pub
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from compress.checkpoint import publish_dir
+from compress.modelio import custom_modules, materialize
 
 
 def bytes_on_disk(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
@@ -23,13 +25,14 @@ def bytes_on_disk(folder: str | os.PathLike, pattern: str = "*.safetensors") -> 
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict) -> Path:
+    """A plain HF folder: custom modules (masks, fake-quant, ...) become their stock equivalents.
+    A model's ``quantization_config`` is kept (the GGUF loader's is already dropped at load time)."""
     out = Path(out_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    if custom_modules(model):
+        model = materialize(copy.deepcopy(model))
     model.config.use_cache = True  # for users who generate with the export
     try:
         model.save_pretrained(tmp, safe_serialization=True)

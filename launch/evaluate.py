@@ -20,9 +20,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def export_data_config(model_dir: str):
+    """The data settings the model was trained with (its compression.json), else the defaults:
+    held-out metrics must score only documents that training held out."""
+    from compress.recipe import DataConfig
+
+    info = Path(model_dir) / "compression.json"
+    data = json.loads(info.read_text()).get("recipe", {}).get("data") if info.is_file() else None
+    return DataConfig.model_validate(data) if data else DataConfig()
+
+
 def build_config(args):
     from compress.errors import CompressError
-    from compress.recipe import EvalStage
+    from eval.stage import EvalStage
 
     spec = None
     if not args.no_spec:
@@ -87,17 +97,18 @@ def run(args, cfg, tokenizer) -> int:
 
     from compress.data import prepare_data
     from compress.models import load_model
-    from compress.recipe import DataConfig
     from compress.report import eval_tables, write_report
-    from eval.runner import evaluate_pair, failures
+    from eval.runner import evaluate_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(args.out or Path(args.model) / "eval")
-    data = prepare_data(DataConfig(), tokenizer)
+    data_cfg = export_data_config(args.model)
+    data = prepare_data(data_cfg, tokenizer)
     student = load_model(args.model, dtype).to(device).eval()
     teacher = load_model(args.teacher, dtype).to(device).eval()
-    results = evaluate_pair(student, teacher, tokenizer, cfg, data.val, student_dir=args.model, device=device)
+    results = evaluate_pair(student, teacher, tokenizer, cfg, data.val, student_dir=args.model, device=device,
+                            data=data_cfg.model_dump(mode="json"))
     results.update(model=str(args.model), teacher_source=args.teacher)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2, default=str))
@@ -105,7 +116,7 @@ def run(args, cfg, tokenizer) -> int:
     print(eval_tables(results))
     print(f"\nwrote {out / 'eval.json'} and {report}")
     if not results["passed"]:
-        print(f"error: quality gates failed: {'; '.join(failures(results))}", file=sys.stderr)
+        print(f"error: quality gates failed: {'; '.join(results['failures'])}", file=sys.stderr)
         return 3
     return 0
 

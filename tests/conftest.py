@@ -9,6 +9,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval`, as launch/ does)
 from tests.tiny import make_tiny_model  # noqa: E402
 
 

@@ -137,22 +137,41 @@ def test_teacher_topk_cache_equals_top_k(kind):
     s, t = make((3, 5, 37))
     ids, logprobs = teacher_topk(t, 6, temperature=2.0)
     assert ids.shape == logprobs.shape == (3, 5, 6) and ids.dtype == torch.long
-    cached = loss(s, None, kind, temperature=2.0, teacher_topk=(ids, logprobs))
+    cached = loss(s, None, kind, temperature=2.0, teacher_topk=(ids, logprobs), teacher_vocab=37)
     online = loss(s, t, kind, temperature=2.0, top_k=6)
     torch.testing.assert_close(cached, online, atol=0, rtol=0)
 
 
+PADS = {"random": lambda *shape: torch.randn(shape) * 10, "+20": lambda *shape: torch.full(shape, 20.0)}
+
+
+@pytest.mark.parametrize("pad", PADS)
 @pytest.mark.parametrize("top_k", [None, 5])
 @pytest.mark.parametrize("kind", KD_LOSSES)
-def test_vocab_padding_is_ignored(kind, top_k):
+def test_vocab_padding_is_ignored(kind, top_k, pad):
     B, T, V = 3, 5, 37
     s, t = make((B, T, V))
-    pad = torch.randn(B, T, 8) * 10
+    rows = PADS[pad](B, T, 8)
     want = loss(s, t, kind, temperature=2.0, top_k=top_k)
-    padded_teacher = loss(s, torch.cat([t, pad], -1), kind, temperature=2.0, top_k=top_k)
-    padded_student = loss(torch.cat([s, pad], -1), t, kind, temperature=2.0, top_k=top_k)
+    padded_teacher = loss(s, torch.cat([t, rows], -1), kind, temperature=2.0, top_k=top_k)
+    padded_student = loss(torch.cat([s, rows], -1), t, kind, temperature=2.0, top_k=top_k)
     torch.testing.assert_close(padded_teacher, want, atol=0, rtol=0)
     torch.testing.assert_close(padded_student, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_offline_kd_ignores_student_padding_like_online(kind, pad):
+    """A student with Vs = V + 8 padding rows: offline (cached top-k) == online top-k == unpadded."""
+    B, T, V, k = 3, 5, 37, 5
+    s, t = make((B, T, V))
+    padded = torch.cat([s, PADS[pad](B, T, 8)], -1)
+    cache = teacher_topk(t, k, temperature=2.0)
+    offline = loss(padded, None, kind, temperature=2.0, teacher_topk=cache, teacher_vocab=V)
+    online = loss(padded, t, kind, temperature=2.0, top_k=k)
+    unpadded = loss(s, None, kind, temperature=2.0, teacher_topk=cache, teacher_vocab=V)
+    torch.testing.assert_close(offline, online, atol=0, rtol=0)
+    torch.testing.assert_close(offline, unpadded, atol=0, rtol=0)
 
 
 def test_low_precision_inputs_compute_in_float32():
@@ -183,20 +202,26 @@ def test_extreme_logits_are_finite(kind, top_k):
     assert torch.isfinite(out) and torch.isfinite(s.grad).all()
 
 
-@pytest.mark.parametrize("top_k", [None, 4])
+# top_k=30 > the 20 ids the teacher allows: zeros inside the top-k; offline KD is top-k only
+@pytest.mark.parametrize("top_k, offline", [(None, False), (4, False), (30, False), (4, True), (30, True)])
 @pytest.mark.parametrize("kind", KD_LOSSES)
-def test_teacher_neg_inf_gives_no_nan(kind, top_k):
+def test_teacher_zero_probabilities_give_finite_loss(kind, top_k, offline):
+    """A teacher that masks out part of its vocab (-inf logits, p = 0): finite loss and gradient.
+
+    The exact KL(q || p) is infinite there; the loss floors p at float32's smallest normal.
+    """
     shape = (3, 5, 37)
     s = torch.randn(shape, requires_grad=True)
     t = torch.randn(shape)
-    t[..., 20:] = float("-inf")  # e.g. a teacher that masks out part of its vocab
-    out = kd_loss(s, t, kind=kind, top_k=top_k)
-    if kind == "reverse_kl" and top_k is None:
-        # q > 0 where p == 0: the true KL(q||p) is infinite; it must not be NaN.
-        assert not torch.isnan(out)
-        return
+    t[..., 20:] = float("-inf")
+    if offline:
+        ids, logprobs = teacher_topk(t, top_k)
+        out = kd_loss(s, kind=kind, teacher_topk=(ids, logprobs.half()), teacher_vocab=37)  # fp16, as cached
+    else:
+        out = kd_loss(s, t, kind=kind, top_k=top_k)
     out.backward()
-    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all(), out
+    assert out > 0
 
 
 def test_empty_mask_gives_zero():
@@ -243,8 +268,11 @@ S, T_ = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
         (lambda: kd_loss(S, T_, mask=torch.ones(3, 2)), "mask"),
         (lambda: kd_loss(S, T_[:1]), "teacher_logits"),
         (lambda: kd_loss(S, T_, teacher_topk=teacher_topk(T_, 2)), "teacher_topk"),
-        (lambda: kd_loss(S, teacher_topk=teacher_topk(T_, 2), top_k=3), "top_k"),
-        (lambda: kd_loss(S[..., :5], teacher_topk=teacher_topk(T_, 9)), "teacher_topk"),
+        (lambda: kd_loss(S, teacher_topk=teacher_topk(T_, 2), top_k=3, teacher_vocab=10), "top_k"),
+        (lambda: kd_loss(S[..., :5], teacher_topk=teacher_topk(T_, 9), teacher_vocab=10), "teacher_topk"),
+        (lambda: kd_loss(S, teacher_topk=teacher_topk(T_, 9), teacher_vocab=4), "teacher_topk"),
+        (lambda: kd_loss(S, teacher_topk=teacher_topk(T_, 2)), "teacher_vocab"),
+        (lambda: kd_loss(S, T_, teacher_vocab=9), "teacher_vocab"),
         (lambda: teacher_topk(T_, 0), "k"),
         (lambda: ce_loss(S, torch.zeros(2, 4, dtype=torch.long)), "labels"),
         (lambda: hidden_mse(torch.randn(2, 3, 4), torch.randn(2, 3, 5)), "proj"),

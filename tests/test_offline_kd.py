@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress.data import TokenData
-from compress.losses import teacher_topk
+from compress.losses import KD_LOSSES, kd_loss, teacher_topk
 from compress.offline_kd import TopkCache, precompute
 from compress.teacher import Teacher
 
@@ -49,3 +49,19 @@ def test_precompute_resumes_and_rebuilds_on_a_new_key(tmp_path):
     _run(teacher, data, tmp_path, blocks[:6])  # other blocks: the folder is rebuilt
     assert len(list(tmp_path.glob("shard_*.pt"))) == 2
     assert TopkCache(tmp_path).where[5] == (1, 1)
+
+
+def test_cache_records_the_teacher_vocab_for_a_padded_student(tmp_path):
+    """Offline KD through the cache leaves a student's padding rows out, as online KD does."""
+    teacher, data = _setup()
+    cache = _run(teacher, data, tmp_path, list(range(6)))
+    assert cache.vocab_size == TopkCache(tmp_path).vocab_size == 50
+    query = torch.tensor([4, 1])
+    t_logits = teacher.logits(data.batch(query)["input_ids"])
+    student = torch.randn_like(t_logits) * 3
+    for pad in (torch.randn(*student.shape[:-1], 14) * 10, torch.full((*student.shape[:-1], 14), 20.0)):
+        padded = torch.cat([student, pad], -1)  # Vs = 64 > Vt = 50
+        for kind in KD_LOSSES:
+            offline = kd_loss(padded, teacher_topk=cache.get(query, "cpu"), teacher_vocab=cache.vocab_size, kind=kind, temperature=2.0)
+            online = kd_loss(padded, t_logits, top_k=5, kind=kind, temperature=2.0)
+            torch.testing.assert_close(offline, online, rtol=0, atol=2e-3)  # the cache stores fp16

@@ -27,7 +27,7 @@ def launch(recipe, *overrides, check=True):
 def test_distill_end_to_end(tiny_teacher, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, student=RANDOM_STUDENT,
-                          train={"max_steps": 12, "lr": 1e-2, "save_every": 4},
+                          train={"max_steps": 12, "lr": 1e-2, "save_every": 4, "keep_optimizer_states": True},
                           stages=[{"kind": "distill", "loss": "forward_kl", "ce_weight": 0.5}])
     p = launch(recipe)
     assert "| student (final) |" in p.stdout and "top1_agreement" in p.stdout
@@ -62,6 +62,9 @@ def test_multi_stage_and_finished_stages_are_skipped(tiny_teacher, tmp_path):
     rows = read_metrics(out)
     assert {(r["stage"], r["step"]) for r in rows if "loss" in r} == {(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)}
     assert "kd" not in [r for r in rows if r["stage"] == 0][0], "finetune has no teacher loss"
+    # once a stage's result is saved, its optimizer checkpoints are gone (keep_optimizer_states: false)
+    assert sorted(p.name for p in (out / "stages/0-finetune").iterdir()) == ["model"]
+    assert not (out / "stages/1-distill/checkpoints").exists()
     first = (out / "final/model.safetensors").read_bytes()
     again = launch(recipe)
     assert "stage 0 (finetune) already finished" in again.stdout

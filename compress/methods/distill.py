@@ -16,15 +16,51 @@ The loss is ``kd_weight * KD + ce_weight * CE + hidden_weight * MSE`` (losses in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from compress.config import Strict
 from compress.data import sample_indices
-from compress.losses import ce_loss, hidden_mse, kd_loss
+from compress.errors import CompressError
+from compress.losses import KD_LOSSES, ce_loss, hidden_mse, kd_loss
 from compress.offline_kd import precompute
-from compress.recipe import DistillStage
-from compress.stages import StageMethod, register
+from compress.stages import StageConfig, StageMethod, register
+
+
+class OfflineKD(Strict):
+    """Top-k teacher log-probs computed once to disk (sharded, resumable), streamed in training."""
+
+    dir: str | None = None  # default: <output_dir>/stages/<i>-distill/teacher_topk
+    shard_blocks: int = Field(64, ge=1)
+
+
+class DistillStage(StageConfig):
+    """Knowledge distillation (Hinton et al. 2015) with a choice of divergence."""
+
+    kind: Literal["distill"] = "distill"
+    loss: Literal[KD_LOSSES] = "forward_kl"  # type: ignore[valid-type]
+    temperature: float = Field(1.0, gt=0.0)
+    kd_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)  # mix in next-token cross entropy on the data
+    beta: float = Field(0.5, gt=0.0, lt=1.0)  # jsd mixture weight
+    skew_alpha: float = Field(0.1, ge=0.0, lt=1.0)  # skew_kl / skew_reverse_kl
+    top_k: int | None = Field(None, ge=1)  # keep only the teacher's top-k (+ a tail bin)
+    hidden_weight: float = Field(0.0, ge=0.0)  # hidden-state MSE through a learned projection
+    hidden_layers: list[Annotated[int, Field(ge=-1)]] = Field(default_factory=lambda: [-1])
+    offline: OfflineKD | None = None  # needs top_k
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DistillStage":
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("all loss weights are 0; set kd_weight, ce_weight or hidden_weight > 0")
+        if self.offline is not None and self.top_k is None:
+            raise ValueError("offline KD stores top-k teacher log-probs: set top_k (e.g. 64)")
+        if self.offline is not None and self.hidden_weight > 0:
+            raise ValueError("offline KD stores no teacher hidden states: set hidden_weight=0")
+        return self
 
 
 class DistillModule(nn.Module):
@@ -51,6 +87,19 @@ def teacher_layer(student_layer: int, n_student: int, n_teacher: int, layer_map:
 @register(DistillStage)
 class Distill(StageMethod):
     needs_teacher = True
+
+    @classmethod
+    def check(cls, cfg, recipe, configs: dict) -> None:
+        student = configs.get("student")
+        if cfg.hidden_weight > 0 and student is not None:
+            n = student.num_hidden_layers
+            bad = [l for l in cfg.hidden_layers if l >= n]
+            if bad:
+                raise CompressError(f"distill.hidden_layers has {bad} but the student has {n} layers (0..{n - 1}, "
+                                    "or -1 for the last); fix the indices")
+        if recipe.teacher.shard == "zero3" and cfg.offline is not None:
+            raise CompressError("offline KD runs the teacher once before training; teacher.shard=zero3 is not needed "
+                                "there: set teacher.shard=none")
 
     def wrap(self, student: nn.Module) -> nn.Module:
         projections = None
@@ -85,7 +134,7 @@ class Distill(StageMethod):
         logs = {}
         if self.cache is not None:
             ids, logprobs = self.cache.get(batch["index"], x.device)
-            kd = kd_loss(out.logits, teacher_topk=(ids, logprobs), **kd_args)
+            kd = kd_loss(out.logits, teacher_topk=(ids, logprobs), teacher_vocab=self.cache.vocab_size, **kd_args)
         else:
             t_out = self.ctx.teacher(x, hidden=want_hidden)
             kd = kd_loss(out.logits, t_out.logits, top_k=cfg.top_k, **kd_args)

