@@ -1,16 +1,25 @@
-"""KD vs CE-only at equal steps and tokens, from the same student init, on the real teacher.
+"""KD vs CE-only at equal steps and tokens, from the same student init, on the real teacher, over seeds.
 
-    .venv/bin/python benchmarks/kd_vs_ce.py [--steps 60] [--micro-batch 4]
+    .venv/bin/python benchmarks/kd_vs_ce.py [--variants ce_only,forward_kl] [--seeds 0,1,2] [--steps 60]
 
-Each variant is a real run of launch/distill.py (default recipe, overrides below). Reports the
-held-out perplexity of the teacher, the student before training, CE-only and each KD loss,
-and the gap ratio (student_ppl - teacher_ppl) / (ce_only_ppl - teacher_ppl): our goal is
-KD at most 0.5. Writes benchmarks/results/kd_vs_ce.{json,md,png}.
+Each (variant, seed) is a real run of launch/distill.py (default recipe, overrides below, `seed=<s>`).
+The seed drives the data order; the drop_layers student init is the same for every seed. One seed
+is noise here (the same recipe on another CPU ended ~5% apart in perplexity), so each variant
+reports mean ± sample std over seeds of the held-out student perplexity, top-1 agreement with the
+teacher, KL, and the gap ratio (student_ppl - teacher_ppl) / (ce_only_ppl - teacher_ppl), taken per
+seed against the CE-only run of the same seed. Goal: KD gap ratio at most 0.5. A claim ("KD beats
+CE-only", "goal met") is made only when the difference exceeds the spread: the mean ± std
+intervals do not overlap, or the whole interval lies on one side of the goal.
+
+Runs go to runs/bench_kd_vs_ce/<tag>/<variant>/seed<s> with a log next to them; --reuse takes a
+finished run whose recorded recipe equals the one it would run. Writes
+benchmarks/results/<tag>.{json,md,png} (each atomically) once every run has finished.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -18,82 +27,256 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from compress.errors import CompressError  # noqa: E402
+from compress.recipe import load_recipe  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
+RECIPE = REPO / "recipes/smollm2_distill.yaml"
 VARIANTS = {
     "ce_only": "[{kind: finetune}]",
     "forward_kl": "[{kind: distill, loss: forward_kl}]",
     "reverse_kl": "[{kind: distill, loss: reverse_kl}]",
     "jsd": "[{kind: distill, loss: jsd, beta: 0.5}]",
 }
+METRICS = {"ppl": ("student_ppl", "lower"), "top1_agreement": ("top1_agreement", "higher"), "kl": ("kl", "lower")}
+GOAL = 0.5  # KD gap ratio
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated recipe seeds (data order); 3 or more for a spread")
     ap.add_argument("--runs", default="runs/bench_kd_vs_ce")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every variant, e.g. train.lr=1e-3")
-    ap.add_argument("--tag", default="kd_vs_ce", help="name of the result files")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, must include ce_only")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run, e.g. train.lr=1e-3")
+    ap.add_argument("--tag", default="kd_vs_ce", help="name of the result files and of the run folder")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs whose recipe matches (after a failure)")
     args = ap.parse_args()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
-    results = {}
-    for name in args.variants.split(","):
-        out = Path(args.runs) / args.tag / name
-        cmd = [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(REPO / "recipes/smollm2_distill.yaml"),
-               f"output_dir={out}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-               "train.save_every=1000", "wandb.mode=disabled", f"stages={VARIANTS[name]}", *args.set, "--fresh"]
-        t0 = time.time()
-        subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        summary = json.loads((out / "summary.json").read_text())
-        results[name] = {"init": summary["metrics"]["init"], "final": summary["metrics"]["final"],
-                         "seconds": time.time() - t0}
-        print(f"{name}: {results[name]['final']}", flush=True)
 
-    teacher_ppl = next(iter(results.values()))["final"]["teacher_ppl"]
-    ce_ppl = results["ce_only"]["final"]["student_ppl"] if "ce_only" in results else None
-    rows = [{"model": "teacher", "ppl": teacher_ppl},
-            {"model": "student before training", **_cols(next(iter(results.values()))["init"])}]
-    for name, r in results.items():
-        gap = (r["final"]["student_ppl"] - teacher_ppl) / (ce_ppl - teacher_ppl) if ce_ppl else None
-        rows.append({"model": name, **_cols(r["final"]), "gap_vs_ce": gap, "seconds": r["seconds"]})
-    tokens = args.steps * args.micro_batch * 128
-    table = format_table(rows, ["model", "ppl", "ppl_ratio", "top1_agreement", "kl", "gap_vs_ce", "seconds"])
-    extra = "".join(f" --set {x}" for x in args.set) + (f" --tag {args.tag}" if args.tag != "kd_vs_ce" else "")
-    header = (f"KD vs CE-only, SmolLM2-135M-Instruct → 16-layer drop-layers student, {args.steps} steps x "
-              f"{args.micro_batch} x 128 tokens ({tokens:,} tokens), held-out Python docs.\n"
-              f"Command: .venv/bin/python benchmarks/kd_vs_ce.py --steps {args.steps} --micro-batch {args.micro_batch}{extra}\n")
-    print("\n" + header + "\n" + table)
+    variants = args.variants.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        sys.exit(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "ce_only" not in variants:
+        sys.exit("error: the gap ratio is taken against ce_only; add it to --variants")
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"error: --seeds {args.seeds} repeats a seed")
+    if any(s.split("=")[0].strip() == "seed" for s in args.set):
+        sys.exit("error: pass seeds with --seeds, not --set seed=...")
+    if len(seeds) < 3:
+        print(f"warning: {len(seeds)} seed(s): the spread is not estimated well; use 3 or more", file=sys.stderr)
+
+    runs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted sweep leaves complete pairs
+    plans = {}
+    for v, s in runs:  # validate every recipe before the first 8-minute run
+        out = Path(args.runs) / args.tag / v / f"seed{s}"
+        overrides = [f"output_dir={out}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+                     "train.save_every=1000", "wandb.mode=disabled", f"stages={VARIANTS[v]}", *args.set, f"seed={s}"]
+        try:
+            recipe = json.loads(json.dumps(load_recipe(RECIPE, overrides).model_dump(mode="json")))
+        except CompressError as e:
+            sys.exit(f"error: {v} seed {s}: {e}")
+        plans[v, s] = (out, overrides, recipe)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+    results, t_start = {v: {} for v in variants}, time.time()
+    for i, (v, s) in enumerate(runs, 1):
+        out, overrides, recipe = plans[v, s]
+        done = _finished(REPO / out, recipe) if args.reuse else None
+        if done is not None:
+            print(f"[{i}/{len(runs)}] {v} seed {s}: reusing {out / 'summary.json'}", flush=True)
+            results[v][s] = done
+            continue
+        print(f"[{i}/{len(runs)}] {v} seed {s} → {out}", flush=True)
+        results[v][s] = _run(v, s, out, overrides, recipe, env)
+        print(f"[{i}/{len(runs)}] {v} seed {s}: {results[v][s]['final']} ({results[v][s]['seconds']:.0f} s)", flush=True)
+
+    stats = _stats(results, seeds)
+    verdict = _verdict(stats, variants, len(seeds))
+    wall = time.time() - t_start
+    md = _markdown(args, results, stats, verdict, seeds, wall)
+    print("\n" + md)
     res = REPO / "benchmarks/results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"{args.tag}.json").write_text(json.dumps({"args": vars(args), "results": results, "rows": rows}, indent=2))
-    (res / f"{args.tag}.md").write_text(header + "\n" + table + "\n")
-    _plot(rows, res / f"{args.tag}.png")
+    payload = {"args": vars(args), "seeds": seeds, "wall_seconds": wall, "goal_gap_ratio": GOAL,
+               "per_seed": {v: {str(s): r for s, r in results[v].items()} for v in variants},
+               "summary": stats, "verdict": verdict}
+    _write_atomic(res / f"{args.tag}.json", lambda p: p.write_text(json.dumps(payload, indent=2)))
+    _write_atomic(res / f"{args.tag}.md", lambda p: p.write_text(md))
+    _write_atomic(res / f"{args.tag}.png", lambda p: _plot(results, stats, seeds, p))
+    print(f"wrote {res / args.tag}.{{json,md,png}}")
+    return 0
 
 
-def _cols(m: dict) -> dict:
-    return {"ppl": m["student_ppl"], "ppl_ratio": m.get("ppl_ratio"), "top1_agreement": m.get("top1_agreement"),
-            "kl": m.get("kl")}
+def _finished(out: Path, recipe: dict) -> dict | None:
+    """A finished run in ``out`` made from exactly ``recipe``, or None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("recipe") != recipe:
+        return None
+    return {"init": summary["metrics"]["init"], "final": summary["metrics"]["final"], "seconds": None, "reused": True}
 
 
-def _plot(rows, path):
+def _run(v: str, s: int, out: Path, overrides: list[str], recipe: dict, env: dict) -> dict:
+    """One launch/distill.py run, its output streamed to the console and to a log; exits on failure."""
+    log = REPO / out.parent / f"seed{s}.log"  # out is relative to the repo, where the run starts
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(RECIPE), *overrides, "--fresh"]
+    t0 = time.time()
+    with open(log, "wb") as f:
+        f.write((" ".join(cmd) + "\n").encode())
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while chunk := proc.stdout.read1(4096):
+            f.write(chunk)
+            f.flush()
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        rc = proc.wait()
+    seconds = time.time() - t0
+    summary = _finished(REPO / out, recipe)
+    if rc != 0 or summary is None:
+        tail = "\n".join(log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:])
+        why = f"exit status {rc}" if rc != 0 else f"exit status 0 but no summary.json for this recipe in {out}"
+        sys.exit(f"\n{tail}\n\nerror: run {v} seed {s} failed ({why}) after {seconds:.0f} s.\n"
+                 f"  command: {' '.join(cmd)}\n  full log: {log}\n"
+                 f"No results were written. Finished runs are kept: rerun with --reuse to skip them.")
+    return {**summary, "seconds": seconds, "reused": False}
+
+
+def _mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs),
+            "min": min(xs), "max": max(xs)}
+
+
+def _stats(results: dict, seeds: list[int]) -> dict:
+    """Adds gap_ratio to every per-seed result (against ce_only of the same seed); mean ± std per variant."""
+    stats = {}
+    for v, by_seed in results.items():
+        for s, r in by_seed.items():
+            t, ce = r["final"]["teacher_ppl"], results["ce_only"][s]["final"]["student_ppl"]
+            r["gap_ratio"] = (r["final"]["student_ppl"] - t) / (ce - t)
+        stats[v] = {m: _mean_std([by_seed[s]["final"][k] for s in seeds]) for m, (k, _) in METRICS.items()}
+        stats[v]["gap_ratio"] = _mean_std([by_seed[s]["gap_ratio"] for s in seeds])
+        secs = [by_seed[s]["seconds"] for s in seeds if by_seed[s]["seconds"] is not None]
+        stats[v]["seconds"] = _mean_std(secs) if secs else None
+    first = results["ce_only"][seeds[0]]
+    stats["teacher"] = _mean_std([r["final"]["teacher_ppl"] for by_seed in results.values() for r in by_seed.values()])
+    stats["student_init"] = {m: first["init"][k] for m, (k, _) in METRICS.items()}
+    return stats
+
+
+def _compare(a: dict, b: dict, better: str) -> str:
+    """'better' / 'worse' / 'within the spread' for a vs b, from non-overlapping mean ± std intervals."""
+    if a["std"] is None or b["std"] is None:
+        return "no claim (one seed: no spread)"
+    lo_a, hi_a, lo_b, hi_b = a["mean"] - a["std"], a["mean"] + a["std"], b["mean"] - b["std"], b["mean"] + b["std"]
+    if hi_a < lo_b:
+        return "better" if better == "lower" else "worse"
+    if lo_a > hi_b:
+        return "worse" if better == "lower" else "better"
+    return "within the spread"
+
+
+def _verdict(stats: dict, variants: list[str], n: int) -> dict:
+    out = {}
+    for v in variants:
+        if v == "ce_only":
+            continue
+        g = stats[v]["gap_ratio"]
+        if g["std"] is None:
+            goal = "no claim (one seed: no spread)"
+        elif g["mean"] + g["std"] <= GOAL:
+            goal = "met"
+        elif g["mean"] - g["std"] > GOAL:
+            goal = "not met"
+        else:
+            goal = "inconclusive (the mean ± std interval straddles 0.5)"
+        out[v] = {"goal_gap_ratio_le_0.5": goal,
+                  **{f"vs_ce_only_{m}": _compare(stats[v][m], stats["ce_only"][m], d) for m, (_, d) in METRICS.items()}}
+    return out
+
+
+def _pm(ms: dict | None, fmt: str = ".4g") -> str:
+    if ms is None:
+        return ""
+    return f"{ms['mean']:{fmt}}" + (f" ± {ms['std']:{fmt}}" if ms["std"] is not None else "")
+
+
+def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int], wall: float) -> str:
+    tokens = args.steps * args.micro_batch * 128
+    extra = "".join(f" --set {x}" for x in args.set) + (f" --tag {args.tag}" if args.tag != "kd_vs_ce" else "")
+    cmd = (f".venv/bin/python benchmarks/kd_vs_ce.py --variants {args.variants} --seeds {args.seeds} "
+           f"--steps {args.steps} --micro-batch {args.micro_batch}{extra}")
+    lines = [f"KD vs CE-only, SmolLM2-135M-Instruct → 16-layer drop-layers student, {args.steps} steps x "
+             f"{args.micro_batch} x 128 tokens ({tokens:,} tokens) per run, held-out Python docs; "
+             f"{len(seeds)} seeds ({args.seeds}) per variant, the seed sets the data order, same student init.",
+             f"Command: {cmd}", f"Wall time: {wall / 60:.1f} min for {sum(len(r) for r in results.values())} runs.", "",
+             "Mean ± sample std over seeds. gap_ratio = (student_ppl - teacher_ppl) / (ce_only_ppl - teacher_ppl), "
+             "per seed against the CE-only run of the same seed (CE-only is 1 by definition).", ""]
+    rows = [{"model": "teacher", "ppl": _pm(stats["teacher"])},
+            {"model": "student before training", **{m: f"{stats['student_init'][m]:.4g}" for m in METRICS}}]
+    rows += [{"model": v, "seeds": len(seeds), **{m: _pm(stats[v][m]) for m in METRICS},
+              "gap_ratio": _pm(stats[v]["gap_ratio"], ".3f"), "seconds/run": _pm(stats[v]["seconds"], ".0f")}
+             for v in results]
+    lines += [format_table(rows, ["model", "seeds", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds/run"]), ""]
+    lines += ["Verdict (a claim holds only where the difference exceeds the spread: mean ± std intervals apart):", ""]
+    for v, d in verdict.items():
+        g, ppl = stats[v]["gap_ratio"], d["vs_ce_only_ppl"]
+        lines.append(f"- **{v}: goal (gap ratio <= {GOAL}) {d['goal_gap_ratio_le_0.5'].upper()}** "
+                     f"(gap ratio {_pm(g, '.3f')}).")
+        lines.append(f"- **{v} vs CE-only perplexity: {'KD better beyond the spread' if ppl == 'better' else ppl}** "
+                     f"({_pm(stats[v]['ppl'])} vs {_pm(stats['ce_only']['ppl'])}); "
+                     f"top-1 agreement: {d['vs_ce_only_top1_agreement']}; KL: {d['vs_ce_only_kl']}.")
+        wins = sum(results[v][s]["final"]["student_ppl"] < results["ce_only"][s]["final"]["student_ppl"] for s in seeds)
+        lines.append(f"- {v} has the lower perplexity than CE-only in {wins} of {len(seeds)} seeds (paired by seed).")
+    per_seed = [{"variant": v, "seed": s, "ppl": r["final"]["student_ppl"], "top1_agreement": r["final"]["top1_agreement"],
+                 "kl": r["final"]["kl"], "gap_ratio": r["gap_ratio"],
+                 "seconds": "reused" if r["seconds"] is None else round(r["seconds"])}
+                for v in results for s, r in results[v].items()]
+    lines += ["", "Per seed:", "", format_table(per_seed, ["variant", "seed", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds"])]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _plot(results: dict, stats: dict, seeds: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r["model"] for r in rows]
-    ax.barh(names, [r["ppl"] for r in rows], color=["#444"] + ["#bbb"] + ["#3b7dd8"] * (len(rows) - 2))
-    ax.set_xlabel("held-out perplexity (lower is better)")
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    for i, r in enumerate(rows):
-        ax.text(r["ppl"], i, f" {r['ppl']:.1f}", va="center", fontsize=8)
+    panels = [("ppl", "held-out perplexity (lower better)"), ("gap_ratio", "gap ratio vs CE-only (lower better)"),
+              ("top1_agreement", "top-1 agreement (higher better)"), ("kl", "KL to teacher (lower better)")]
+    names = list(results)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (m, title) in zip(axes, panels):
+        for i, v in enumerate(names):
+            ys = [results[v][s]["gap_ratio"] if m == "gap_ratio" else results[v][s]["final"][METRICS[m][0]] for s in seeds]
+            xs = [i - 0.12 + 0.24 * j / max(len(seeds) - 1, 1) for j in range(len(seeds))]
+            ax.scatter(xs, ys, s=14, color="#3b7dd8", alpha=0.7, zorder=3, label="per seed" if i == 0 else None)
+            st = stats[v][m]
+            ax.errorbar([i + 0.3], [st["mean"]], yerr=[st["std"] or 0], fmt="o", color="#222", capsize=4, zorder=4,
+                        label="mean ± std" if i == 0 else None)
+        if m == "ppl":
+            ax.axhline(stats["teacher"]["mean"], ls="--", color="#888", lw=1, label="teacher")
+        if m == "gap_ratio":
+            ax.axhline(GOAL, ls="--", color="#c33", lw=1, label=f"goal {GOAL}")
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.3)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"KD vs CE-only over seeds {','.join(map(str, seeds))}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

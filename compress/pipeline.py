@@ -93,7 +93,8 @@ def detached(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 master = p.data.detach().clone()
         state[name] = master.reshape(getattr(p, "ds_shape", p.shape)).float().cpu()
-    state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
+    persistent = module.state_dict().keys()  # not e.g. rotary tables, which the skeleton rebuilds
+    state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name in persistent})
     return rebuild(module, state).to(device)
 
 
