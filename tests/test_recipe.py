@@ -72,6 +72,11 @@ BAD = {
     "offline with zero3": (dict(teacher={"shard": "zero3"},
                                 stages=[{"kind": "distill", "top_k": 8, "offline": {}}]), "shard=none"),
     "no data files": (dict(data={"source": "files", "files": ["/nonexistent/*.txt"]}), "matches no file"),
+    "hidden layer beyond the student": (dict(stages=[{"kind": "distill", "hidden_weight": 1.0, "hidden_layers": [5]}]),
+                                        "distill.hidden_layers has [5] but the student has 3 layers"),
+    "missing plugin": (dict(plugins=["no_such_pkg.method"]), "plugin 'no_such_pkg.method' could not be imported"),
+    "plugin kind unknown without it": (dict(stages=[{"kind": "toy_mask"}]), "unknown stage kind"),
+    "bad eval task": (dict(stages=[{"kind": "eval", "tasks": ["no_such_task"]}]), "unknown lm-eval task"),
 }
 
 
@@ -107,3 +112,47 @@ def test_cli_prints_no_traceback(tmp_path, tiny_teacher):
                        capture_output=True, text=True, env=run_env(), cwd=REPO)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+def test_stage_union_and_properties_come_from_the_registry(tmp_path, tiny_teacher):
+    from compress.stages import STAGE_METHODS
+
+    assert {"distill", "finetune", "eval"} <= set(STAGE_METHODS)
+    path = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", plugins=["tests.toy_method"],
+                        stages=[{"kind": "toy_mask"}, {"kind": "finetune", "max_steps": 2}, {"kind": "eval"}])
+    r = load_recipe(path)
+    assert [type(s).__name__ for s in r.stages] == ["ToyMaskStage", "FinetuneStage", "EvalStage"]
+    assert [r.stage_steps(s) for s in r.stages] == [r.train.max_steps, 2, 0]
+    assert r.needs_teacher  # only because of eval: finetune and the toy method read no teacher
+    assert not load_recipe(path, ["stages=[{kind: toy_mask}, {kind: finetune}]"]).needs_teacher
+
+
+def test_resume_with_nothing_to_resume(tmp_path, tiny_teacher, capsys):
+    path = _bad(tmp_path, tiny_teacher)
+    assert main(["--recipe", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "has no run to resume" in err and "\n" not in err.strip()
+
+
+def test_resume_with_another_number_of_ranks_is_refused(tmp_path, tiny_teacher):
+    from compress.errors import CompressError
+    from compress.pipeline import check_resumable
+
+    r = load_recipe(_bad(tmp_path, tiny_teacher))
+    out = tmp_path / "out"
+    (out / "stages/0-distill/checkpoints").mkdir(parents=True)
+    (out / "run.json").write_text('{"world": 2, "wandb_id": "abc"}')
+    assert check_resumable(out, r, world=2, resume=True)["wandb_id"] == "abc"
+    with pytest.raises(CompressError, match="was run with 2 rank.* resumed with 1"):
+        check_resumable(out, r, world=1, resume=False)
+
+
+def test_compress_never_imports_eval_or_launch():
+    import ast
+
+    for path in sorted((REPO / "compress").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] in ("eval", "launch", "benchmarks", "tests")]
+            assert not bad, f"{path.relative_to(REPO)} imports {bad}: compress/ is the core, nothing above it"
