@@ -109,7 +109,8 @@ def eval_tables(results: dict) -> str:
     parts = ["## Quality vs the teacher", "", format_table(rows, cols)]
     if results["speculative"]:
         spec_cols = ["k", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
-                     "speedup", "exact_match", "hf_assisted_tokens_per_s", "hf_assisted_same_output"]
+                     "speedup", "exact_match", "first_divergence", "dtype", "hf_assisted_tokens_per_s",
+                     "hf_assisted_same_output"]
         parts += ["", "## Speculative decoding (student drafts, teacher verifies)", "",
                   format_table(results["speculative"], spec_cols)]
     if results["gates"]:

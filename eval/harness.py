@@ -75,6 +75,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         model.train(was_training)
         model.config.use_cache = use_cache
     scores = {}
+    if out is None:  # lm-eval returns results on LOCAL_RANK 0 only (the others ran in lockstep)
+        return scores
     for task, metrics in out["results"].items():
         scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
                         if "," in k and "_stderr" not in k and isinstance(v, (int, float))}

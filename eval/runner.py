@@ -80,8 +80,11 @@ def failures(results: dict) -> list[str]:
     """What made ``results["passed"]`` false, one phrase per failed gate or inexact k."""
     failed = [f"{g['gate']} (measured {'none' if g['value'] is None else format(g['value'], '.4g')}, "
               f"threshold {g['threshold']})" for g in results["gates"] if not g["passed"]]
-    failed += [f"speculative k={r['k']} output differs from the teacher's"
-               for r in results["speculative"] if r["exact_match"] is False]
+    # Greedy exactness is a property of the algorithm in exact arithmetic: in fp32 a mismatch is a
+    # bug. In bf16 the verify pass (k tokens at once) and the target's one-token steps round
+    # differently, so a near-tie can flip the argmax: that is reported (first_divergence), not failed.
+    failed += [f"speculative k={r['k']} output differs from the teacher's (first at token {r.get('first_divergence')})"
+               for r in results["speculative"] if r["exact_match"] is False and r.get("dtype", "float32") == "float32"]
     return failed
 
 

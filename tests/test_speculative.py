@@ -256,3 +256,17 @@ def test_bad_inputs(target, drafts, prompts):
     training = copy.deepcopy(draft).train()
     with pytest.raises(CompressError, match="training mode"):
         speculative_generate(target, training, ids, max_new_tokens=4)
+
+
+def test_exactness_is_judged_in_fp32_and_reported_in_bf16(target, drafts, prompts):
+    from eval.runner import failures
+
+    stats = serve_prompts(target, drafts["perturbed"], prompts[:2], k=3, max_new_tokens=8)
+    assert stats["exact_match"] is True and stats["first_divergence"] is None and stats["dtype"] == "float32"
+    half = serve_prompts(copy.deepcopy(target).to(torch.bfloat16), copy.deepcopy(drafts["perturbed"]).to(torch.bfloat16),
+                         prompts[:2], k=3, max_new_tokens=8)
+    assert half["dtype"] == "bfloat16"
+    row = {"k": 3, "exact_match": False, "first_divergence": 5}
+    assert failures({"gates": [], "speculative": [{**row, "dtype": "float32"}]}) == [
+        "speculative k=3 output differs from the teacher's (first at token 5)"]
+    assert failures({"gates": [], "speculative": [{**row, "dtype": "bfloat16"}]}) == []  # numerics, reported
