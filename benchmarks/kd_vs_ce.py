@@ -18,7 +18,9 @@ benchmarks/results/<tag>.{json,md,png} (each atomically) once every run has fini
 
 import argparse
 import json
+import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -55,7 +57,10 @@ def main() -> int:
     args = ap.parse_args()
 
     variants = args.variants.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        sys.exit(f"error: --seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if unknown := [v for v in variants if v not in VARIANTS]:
         sys.exit(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if "ce_only" not in variants:
@@ -93,31 +98,37 @@ def main() -> int:
         print(f"[{i}/{len(runs)}] {v} seed {s}: {results[v][s]['final']} ({results[v][s]['seconds']:.0f} s)", flush=True)
 
     stats = _stats(results, seeds)
-    verdict = _verdict(stats, variants, len(seeds))
-    wall = time.time() - t_start
+    verdict = _verdict(stats, variants)
+    elapsed = time.time() - t_start
+    times = [r["seconds"] for by_seed in results.values() for r in by_seed.values()]
+    wall = sum(t for t in times if t is not None)  # reused runs count with their recorded time
     md = _markdown(args, results, stats, verdict, seeds, wall)
     print("\n" + md)
     res = REPO / "benchmarks/results"
     res.mkdir(parents=True, exist_ok=True)
-    payload = {"args": vars(args), "seeds": seeds, "wall_seconds": wall, "goal_gap_ratio": GOAL,
+    payload = {"args": vars(args), "seeds": seeds, "wall_seconds": wall, "elapsed_seconds": elapsed, "goal": GOAL,
                "per_seed": {v: {str(s): r for s, r in results[v].items()} for v in variants},
                "summary": stats, "verdict": verdict}
-    _write_atomic(res / f"{args.tag}.json", lambda p: p.write_text(json.dumps(payload, indent=2)))
-    _write_atomic(res / f"{args.tag}.md", lambda p: p.write_text(md))
-    _write_atomic(res / f"{args.tag}.png", lambda p: _plot(results, stats, seeds, p))
+    _write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=2)),
+                   res / f"{args.tag}.md": lambda p: p.write_text(md),
+                   res / f"{args.tag}.png": lambda p: _plot(results, stats, seeds, p)})
     print(f"wrote {res / args.tag}.{{json,md,png}}")
     return 0
 
 
 def _finished(out: Path, recipe: dict) -> dict | None:
-    """A finished run in ``out`` made from exactly ``recipe``, or None."""
+    """A finished run in ``out`` made from exactly ``recipe`` (with its time if recorded), or None."""
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
     if summary.get("recipe") != recipe:
         return None
-    return {"init": summary["metrics"]["init"], "final": summary["metrics"]["final"], "seconds": None, "reused": True}
+    try:
+        seconds = json.loads(out.with_suffix(".time.json").read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        seconds = None
+    return {"init": summary["metrics"]["init"], "final": summary["metrics"]["final"], "seconds": seconds, "reused": True}
 
 
 def _run(v: str, s: int, out: Path, overrides: list[str], recipe: dict, env: dict) -> dict:
@@ -127,7 +138,7 @@ def _run(v: str, s: int, out: Path, overrides: list[str], recipe: dict, env: dic
     cmd = [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(RECIPE), *overrides, "--fresh"]
     t0 = time.time()
     with open(log, "wb") as f:
-        f.write((" ".join(cmd) + "\n").encode())
+        f.write((shlex.join(cmd) + "\n").encode())
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         while chunk := proc.stdout.read1(4096):
             f.write(chunk)
@@ -141,8 +152,9 @@ def _run(v: str, s: int, out: Path, overrides: list[str], recipe: dict, env: dic
         tail = "\n".join(log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:])
         why = f"exit status {rc}" if rc != 0 else f"exit status 0 but no summary.json for this recipe in {out}"
         sys.exit(f"\n{tail}\n\nerror: run {v} seed {s} failed ({why}) after {seconds:.0f} s.\n"
-                 f"  command: {' '.join(cmd)}\n  full log: {log}\n"
+                 f"  command: {shlex.join(cmd)}\n  full log: {log}\n"
                  f"No results were written. Finished runs are kept: rerun with --reuse to skip them.")
+    (REPO / out).with_suffix(".time.json").write_text(json.dumps({"seconds": seconds}))  # kept for --reuse
     return {**summary, "seconds": seconds, "reused": False}
 
 
@@ -165,6 +177,12 @@ def _stats(results: dict, seeds: list[int]) -> dict:
     first = results["ce_only"][seeds[0]]
     stats["teacher"] = _mean_std([r["final"]["teacher_ppl"] for by_seed in results.values() for r in by_seed.values()])
     stats["student_init"] = {m: first["init"][k] for m, (k, _) in METRICS.items()}
+    # the claim "same student init" checked: every run measured the same init and the same teacher
+    same = lambda a, b: math.isclose(a, b, rel_tol=1e-6)  # noqa: E731
+    stats["same_init_and_teacher"] = all(
+        same(r["final"]["teacher_ppl"], first["final"]["teacher_ppl"])
+        and all(same(r["init"][k], first["init"][k]) for k, _ in METRICS.values())
+        for by_seed in results.values() for r in by_seed.values())
     return stats
 
 
@@ -180,7 +198,7 @@ def _compare(a: dict, b: dict, better: str) -> str:
     return "within the spread"
 
 
-def _verdict(stats: dict, variants: list[str], n: int) -> dict:
+def _verdict(stats: dict, variants: list[str]) -> dict:
     out = {}
     for v in variants:
         if v == "ce_only":
@@ -207,15 +225,21 @@ def _pm(ms: dict | None, fmt: str = ".4g") -> str:
 
 def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int], wall: float) -> str:
     tokens = args.steps * args.micro_batch * 128
-    extra = "".join(f" --set {x}" for x in args.set) + (f" --tag {args.tag}" if args.tag != "kd_vs_ce" else "")
+    n_runs = sum(len(r) for r in results.values())
+    n_untimed = sum(r["seconds"] is None for by_seed in results.values() for r in by_seed.values())
+    extra = ("".join(f" --set {x}" for x in args.set) + (f" --tag {args.tag}" if args.tag != "kd_vs_ce" else "")
+             + (f" --runs {args.runs}" if args.runs != "runs/bench_kd_vs_ce" else ""))
     cmd = (f".venv/bin/python benchmarks/kd_vs_ce.py --variants {args.variants} --seeds {args.seeds} "
            f"--steps {args.steps} --micro-batch {args.micro_batch}{extra}")
     lines = [f"KD vs CE-only, SmolLM2-135M-Instruct → 16-layer drop-layers student, {args.steps} steps x "
              f"{args.micro_batch} x 128 tokens ({tokens:,} tokens) per run, held-out Python docs; "
              f"{len(seeds)} seeds ({args.seeds}) per variant, the seed sets the data order, same student init.",
-             f"Command: {cmd}", f"Wall time: {wall / 60:.1f} min for {sum(len(r) for r in results.values())} runs.", "",
+             f"Command: {cmd}", f"Wall time: {wall / 60:.1f} min for {n_runs} runs, one after another"
+             + (f" ({n_untimed} reused runs without a recorded time not counted)" if n_untimed else "") + ".", "",
              "Mean ± sample std over seeds. gap_ratio = (student_ppl - teacher_ppl) / (ce_only_ppl - teacher_ppl), "
-             "per seed against the CE-only run of the same seed (CE-only is 1 by definition).", ""]
+             "per seed against the CE-only run of the same seed (CE-only is 1 by definition). Every run measured "
+             + ("the same student init and teacher." if stats["same_init_and_teacher"]
+                else "**not** the same student init or teacher: the runs are not comparable, see the json."), ""]
     rows = [{"model": "teacher", "ppl": _pm(stats["teacher"])},
             {"model": "student before training", **{m: f"{stats['student_init'][m]:.4g}" for m in METRICS}}]
     rows += [{"model": v, "seeds": len(seeds), **{m: _pm(stats[v][m]) for m in METRICS},
@@ -227,7 +251,8 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int],
         g, ppl = stats[v]["gap_ratio"], d["vs_ce_only_ppl"]
         lines.append(f"- **{v}: goal (gap ratio <= {GOAL}) {d['goal_gap_ratio_le_0.5'].upper()}** "
                      f"(gap ratio {_pm(g, '.3f')}).")
-        lines.append(f"- **{v} vs CE-only perplexity: {'KD better beyond the spread' if ppl == 'better' else ppl}** "
+        plain = {"better": "YES", "worse": "NO (worse beyond the spread)", "within the spread": "NO (within the spread)"}
+        lines.append(f"- **{v} better than CE-only in perplexity beyond the spread: {plain.get(ppl, ppl)}** "
                      f"({_pm(stats[v]['ppl'])} vs {_pm(stats['ce_only']['ppl'])}); "
                      f"top-1 agreement: {d['vs_ce_only_top1_agreement']}; KL: {d['vs_ce_only_kl']}.")
         wins = sum(results[v][s]["final"]["student_ppl"] < results["ce_only"][s]["final"]["student_ppl"] for s in seeds)
@@ -236,14 +261,23 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int],
                  "kl": r["final"]["kl"], "gap_ratio": r["gap_ratio"],
                  "seconds": "reused" if r["seconds"] is None else round(r["seconds"])}
                 for v in results for s, r in results[v].items()]
-    lines += ["", "Per seed:", "", format_table(per_seed, ["variant", "seed", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds"])]
+    cols = ["variant", "seed", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds"]
+    lines += ["", "Per seed:", "", format_table(per_seed, cols)]
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _write_atomic(writers: dict) -> None:
+    """Writes every file to a temporary name first, then renames them all: no half-written or mixed set."""
+    tmps = {path: path.with_name(f".{path.name}.tmp") for path in writers}
+    try:
+        for path, write in writers.items():
+            write(tmps[path])
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
 
 
 def _plot(results: dict, stats: dict, seeds: list[int], path: Path) -> None:

@@ -29,13 +29,16 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def pair_metrics(student: LogitsFn, teacher: LogitsFn | None, blocks: torch.Tensor, *, batch_size: int = 8,
-                 rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> dict:
+                 rank: int = 0, world: int = 1, device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """Sums over this rank's share of ``blocks`` ((N, T+1) token ids), reduced over ranks."""
+    from tqdm.auto import tqdm
+
     n = (len(blocks) // world) * world
     mine = blocks[rank:n:world]
     # sums: student nll, teacher nll, agreement, kl, tokens
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    for i in tqdm(starts, desc="teacher-relative metrics", disable=not progress or rank != 0, leave=False):
         chunk = mine[i : i + batch_size].long().to(device)
         x, y = chunk[:, :-1], chunk[:, 1:]
         s_logp = F.log_softmax(student(x).float(), dim=-1)

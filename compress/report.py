@@ -69,6 +69,7 @@ def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
 
 
 def plot_speculative(spec: list[dict], path: Path) -> bool:
+    spec = [r for r in spec if "acceptance_rate" in r]  # rows skipped by an early stop have none
     if not spec:
         return False
     plt = _plt()
@@ -108,13 +109,16 @@ def eval_tables(results: dict) -> str:
     cols = ["model", "params", "bytes", "ppl", "ppl_ratio", "top1_agreement", "kl", *results["headline"]["student"]]
     parts = ["## Quality vs the teacher", "", format_table(rows, cols)]
     if results["speculative"]:
-        spec_cols = ["k", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
+        spec_cols = ["k", "n_prompts", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
                      "speedup", "exact_match", "first_divergence", "dtype", "hf_assisted_tokens_per_s",
-                     "hf_assisted_same_output"]
+                     "hf_assisted_same_output", "stopped"]
         parts += ["", "## Speculative decoding (student drafts, teacher verifies)", "",
                   format_table(results["speculative"], spec_cols)]
     if results["gates"]:
         parts += ["", "## Gates", "", format_table(results["gates"], ["gate", "value", "threshold", "passed"])]
+    if results.get("seconds"):
+        parts += ["", "## Time per phase (s)", "",
+                  format_table([{"phase": k, "seconds": v} for k, v in results["seconds"].items()], ["phase", "seconds"])]
     return "\n".join(parts)
 
 

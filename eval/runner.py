@@ -13,15 +13,23 @@ Three kinds of evidence, then gates:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from compress.export import bytes_on_disk
 from compress.metrics import pair_metrics
 from compress.models import param_count
 from eval.harness import run_lm_eval
-from eval.speculative import assisted_generate_hf, serve_prompts, speculative_generate
+from eval.speculative import assisted_generate_hf, serve_prompts
+
+
+EVAL_CACHE = Path(os.environ.get("COMPRESS_EVAL_CACHE", Path(__file__).resolve().parent.parent / ".cache/eval"))
 
 
 def _primary(scores: dict) -> dict:
@@ -29,23 +37,36 @@ def _primary(scores: dict) -> dict:
     return {t: m.get("acc", m.get("word_perplexity")) for t, m in scores.items()}
 
 
-def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg) -> list[dict]:
-    rows = []
-    for k in cfg.ks:
-        stats = serve_prompts(teacher, student, prompts, k=k, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature)
-        if cfg.compare_hf and cfg.temperature == 0:
-            assisted_generate_hf(teacher, student, prompts[0], 2, k=k)  # warm-up, untimed
-            hf_time, tokens, same = 0.0, 0, True
-            for p in prompts:
-                ours = speculative_generate(teacher, student, p, max_new_tokens=cfg.max_new_tokens, k=k).tokens
-                start = time.perf_counter()
-                theirs = assisted_generate_hf(teacher, student, p, cfg.max_new_tokens, k=k)
-                hf_time += time.perf_counter() - start
-                tokens += theirs.numel()
-                same = same and torch.equal(ours, theirs)
-            stats.update(hf_assisted_tokens_per_s=tokens / hf_time, hf_assisted_same_output=same)
-        rows.append(stats)
+def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg, *, show: bool = True) -> list[dict]:
+    """One row per k. The teacher's greedy baseline runs once per prompt (shared by every k); a
+    hopeless draft or a spent time budget stops the check early, and the rows say so."""
+    deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+    baseline: dict = {}
+    rows: list[dict] = []
+    with tqdm(total=len(cfg.ks) * len(prompts), desc="speculative decoding (k x prompts)", disable=not show,
+              dynamic_ncols=True) as bar:
+        for k in cfg.ks:
+            if rows and rows[-1]["stopped"]:  # hopeless at a smaller k, or out of time: skip the rest
+                rows.append({"k": k, "n_prompts": 0, "stopped": f"skipped ({rows[-1]['stopped'].split(':')[0]} at k={rows[-1]['k']})"})
+                bar.update(len(prompts))
+                continue
+            outputs: list[torch.Tensor] = []
+            bar.set_postfix(k=k)
+            stats = serve_prompts(teacher, student, prompts, k=k, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, baseline=baseline, deadline=deadline,
+                                  hopeless_below=cfg.hopeless_acceptance, outputs=outputs, progress=bar)
+            if cfg.compare_hf and cfg.temperature == 0:
+                n = min(cfg.hf_prompts, len(outputs))
+                assisted_generate_hf(teacher, student, prompts[0], 2, k=k)  # warm-up, untimed
+                hf_time, tokens, same = 0.0, 0, True
+                for p, ours in zip(prompts[:n], outputs):
+                    start = time.perf_counter()
+                    theirs = assisted_generate_hf(teacher, student, p, cfg.max_new_tokens, k=k)
+                    hf_time += time.perf_counter() - start
+                    tokens += theirs.numel()
+                    same = same and torch.equal(ours, theirs)
+                stats.update(hf_assisted_tokens_per_s=tokens / hf_time, hf_assisted_same_output=same, hf_prompts=n)
+            rows.append(stats)
     return rows
 
 
@@ -84,25 +105,75 @@ def failures(results: dict) -> list[str]:
     # bug. In bf16 the verify pass (k tokens at once) and the target's one-token steps round
     # differently, so a near-tie can flip the argmax: that is reported (first_divergence), not failed.
     failed += [f"speculative k={r['k']} output differs from the teacher's (first at token {r.get('first_divergence')})"
-               for r in results["speculative"] if r["exact_match"] is False and r.get("dtype", "float32") == "float32"]
+               for r in results["speculative"] if r.get("exact_match") is False and r.get("dtype", "float32") == "float32"]
     return failed
 
 
+def _fingerprint(model) -> str | None:
+    """A hash of the weights (None for a partitioned ZeRO-3 model, whose shards are not all here)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if t.numel() == 0:
+            return None
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def teacher_lm_eval(teacher, tokenizer, cfg, data: dict | None) -> tuple[dict, bool]:
+    """The teacher's lm-eval scores, cached on disk: they depend only on its weights, the tasks (and
+    their code) and the settings, and would otherwise cost as much as the student's every time."""
+    from importlib.metadata import version
+
+    from eval.harness import TASKS_DIR
+
+    kw = dict(limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length, data=data)
+    weights = _fingerprint(teacher)
+    if weights is None:
+        return run_lm_eval(teacher, tokenizer, cfg.tasks, **kw), False
+    tasks_code = sorted((p.name, p.read_text()) for p in TASKS_DIR.iterdir() if p.suffix in (".py", ".yaml"))
+    key = hashlib.sha256(json.dumps([weights, sorted(cfg.tasks), kw, tasks_code, version("lm_eval")],
+                                    default=str).encode()).hexdigest()[:20]
+    path = EVAL_CACHE / f"teacher-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    scores = run_lm_eval(teacher, tokenizer, cfg.tasks, **kw)
+    if scores:  # not on a lockstep rank that got no results back
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(scores))
+        os.replace(tmp, path)
+    return scores, False
+
+
 def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *, student_dir=None,
-                  device="cpu", data: dict | None = None) -> dict:
+                  device="cpu", data: dict | None = None, show: bool = True) -> dict:
     """Everything the eval stage and ``launch/evaluate.py`` report, as one JSON-able dict.
 
     ``data`` is the run's data section (``DataConfig.model_dump()``): our held-out text tasks
-    score exactly the documents that training held out.
+    score exactly the documents that training held out. ``results["seconds"]`` times each phase.
     """
     student.eval()
     teacher.eval()
     results = {"tasks": list(cfg.tasks), "limit": cfg.limit}
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 2)
+        clock = now
+
     blocks = val_blocks[: cfg.eval_blocks]
     pair = pair_metrics(lambda x: student(input_ids=x).logits, lambda x: teacher(input_ids=x).logits, blocks,
-                        batch_size=cfg.batch_size, device=device)
-    t_scores = run_lm_eval(teacher, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length, data=data) if cfg.tasks else {}
-    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size, max_length=cfg.max_length, data=data) if cfg.tasks else {}
+                        batch_size=cfg.batch_size, device=device, progress=show)
+    lap("teacher-relative metrics")
+    t_scores, cached = teacher_lm_eval(teacher, tokenizer, cfg, data) if cfg.tasks else ({}, False)
+    lap("lm-eval, teacher (cached)" if cached else "lm-eval, teacher")
+    s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length, data=data) if cfg.tasks else {}
+    lap("lm-eval, student")
     results["teacher"] = {"params": param_count(teacher), "bytes": param_count(teacher) * next(teacher.parameters()).element_size(),
                           "lm_eval": t_scores, "ppl": pair["teacher_ppl"]}
     results["student"] = {"params": param_count(student),
@@ -113,9 +184,11 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
     if cfg.speculative is not None:
         sc = cfg.speculative
         prompts = [b[: sc.prompt_tokens].long().reshape(1, -1).to(device) for b in val_blocks[-sc.prompts:]]
-        spec = speculative_report(teacher, student, prompts, sc)
+        spec = speculative_report(teacher, student, prompts, sc, show=show)
+        lap("speculative decoding")
     results["speculative"] = spec
     results["gates"] = check_gates(cfg.gates, t_scores, s_scores, pair, spec)
     results["failures"] = failures(results)
     results["passed"] = not results["failures"]
+    results["seconds"] = {**seconds, "total": round(sum(seconds.values()), 2)}
     return results

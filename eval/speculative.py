@@ -182,11 +182,20 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
 
 
 def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new_tokens: int,
-                  temperature: float = 0.0, seed: int = 0) -> dict:
+                  temperature: float = 0.0, seed: int = 0, baseline: dict | None = None,
+                  deadline: float | None = None, hopeless_below: float | None = None, min_proposed: int = 32,
+                  outputs: list | None = None, progress=None) -> dict:
     """Serve prompts one after another, target alone (greedy) vs speculative, and time both.
-    Returns k, n_prompts, new_tokens, acceptance_rate, mean_accepted_per_pass,
-    target_tokens_per_s, spec_tokens_per_s, speedup and exact_match (None when sampling).
+    Returns k, n_prompts (served), new_tokens, acceptance_rate, mean_accepted_per_pass,
+    target_tokens_per_s, spec_tokens_per_s, speedup, exact_match (None when sampling),
+    first_divergence, dtype and stopped (why it stopped early, else None).
         stats = serve_prompts(teacher, student, [ids1, ids2], k=4, max_new_tokens=128)
+
+    Early stops (each prompt runs whole; at least one always runs): past ``deadline``
+    (``time.monotonic()``), or once ``min_proposed`` drafts were verified and the acceptance rate
+    is below ``hopeless_below``. ``baseline`` (a dict shared across calls) keeps each prompt's
+    greedy reference and its time, so several k reuse one baseline run. ``outputs`` receives
+    each prompt's new tokens; ``progress`` (a tqdm bar) advances once per prompt.
     """
     if not prompts:
         raise CompressError("serve_prompts got no prompts; pass a non-empty list of (T,) or (1, T) id tensors")
@@ -195,37 +204,57 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
         _check_prompt(p)
     _check_lengths(k, max_new_tokens)
     device = target.device
+    baseline = {} if baseline is None else baseline
     generator = torch.Generator(device=device).manual_seed(seed)
     spec = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
     # Warm-up outside the clock: first calls pay for allocator and kernel set-up.
-    greedy_generate(target, prompts[0], 2)
+    if not baseline:
+        greedy_generate(target, prompts[0], 2)
     speculative_generate(target, draft, prompts[0], **{**spec, "max_new_tokens": 2})
 
     base_time = spec_time = 0.0
     base_tokens = 0
-    results, exact, diverged_at = [], True, None
-    for p in prompts:
-        start = _now(device)
-        reference = greedy_generate(target, p, max_new_tokens)
-        base_time += _now(device) - start
+    results, exact, diverged_at, stopped = [], True, None, None
+    for i, p in enumerate(prompts):
+        proposed = sum(r.proposed for r in results)
+        if results and deadline is not None and time.monotonic() > deadline:
+            stopped = f"time budget spent after {len(results)} of {len(prompts)} prompts"
+        elif results and hopeless_below is not None and proposed >= min_proposed \
+                and sum(r.accepted for r in results) / proposed < hopeless_below:
+            stopped = (f"hopeless: acceptance {sum(r.accepted for r in results) / proposed:.3f} < {hopeless_below} "
+                       f"after {len(results)} of {len(prompts)} prompts")
+        if stopped:
+            break
+        if i not in baseline:
+            start = _now(device)
+            baseline[i] = (greedy_generate(target, p, max_new_tokens), None)
+            baseline[i] = (baseline[i][0], _now(device) - start)
+        reference, seconds = baseline[i]
+        base_time += seconds
         base_tokens += reference.numel()
         start = _now(device)
         res = speculative_generate(target, draft, p, **spec)
         spec_time += _now(device) - start
         results.append(res)
+        if outputs is not None:
+            outputs.append(res.tokens)
+        if progress is not None:
+            progress.update(1)
         if not torch.equal(res.tokens, reference):
             exact = False
             n = min(len(res.tokens), len(reference))
             where = (res.tokens[:n] != reference[:n]).nonzero()
             at = int(where[0]) if len(where) else n
             diverged_at = at if diverged_at is None else min(diverged_at, at)
+    if progress is not None and stopped:
+        progress.update(len(prompts) - len(results))
     new_tokens = sum(r.tokens.numel() for r in results)
     proposed = sum(r.proposed for r in results)
     accepted = sum(r.accepted for r in results)
     target_tps, spec_tps = base_tokens / base_time, new_tokens / spec_time
     return {
         "k": k,
-        "n_prompts": len(prompts),
+        "n_prompts": len(results),
         "new_tokens": new_tokens,
         "acceptance_rate": accepted / proposed if proposed else float("nan"),
         "mean_accepted_per_pass": accepted / sum(r.target_passes for r in results),
@@ -235,6 +264,7 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
         "exact_match": exact if temperature == 0 else None,
         "first_divergence": diverged_at if temperature == 0 else None,  # new-token index, over all prompts
         "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+        "stopped": stopped,
     }
 
 

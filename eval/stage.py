@@ -34,7 +34,12 @@ class SpeculativeCheck(Strict):
     prompt_tokens: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy (exactness checked); > 0: rejection sampling
-    compare_hf: bool = True  # time transformers' assisted generation on the same prompts
+    compare_hf: bool = True  # time transformers' assisted generation beside ours ...
+    hf_prompts: int = Field(2, ge=1)  # ... on the first few prompts of each k
+    # Stop early (said in the table): a draft whose acceptance is below this after >= 32 verified
+    # drafts cannot pay off at any k; and the whole check gets at most this many seconds.
+    hopeless_acceptance: float = Field(0.05, ge=0, le=1)
+    time_budget_s: float | None = Field(120.0, gt=0)
 
 
 class Gates(Strict):
