@@ -59,7 +59,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # lm-eval repeats the same notices for every model and task (custom kwargs, an already
+    # initialized model): keep errors only. Progress bars are tqdm, not logging, and stay.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True

@@ -90,6 +90,14 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
         else:
             ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"]
             add(f"{task} acc / teacher >= min", ratio, gates.mmlu_min_ratio, ratio >= gates.mmlu_min_ratio)
+    for task, minimum in gates.acc_min_ratio.items():
+        if task not in student_scores or "acc" not in student_scores[task]:
+            add(f"{task} acc / teacher >= min (task not run, or has no acc)", None, minimum, False)
+        elif teacher_scores[task]["acc"] == 0:
+            add(f"{task} acc / teacher >= min (teacher scored 0)", None, minimum, True)
+        else:
+            ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"]
+            add(f"{task} acc / teacher >= min", ratio, minimum, ratio >= minimum)
     if gates.acceptance_min is not None:
         rate = spec[0]["acceptance_rate"] if spec else float("nan")
         add(f"acceptance_rate (k={spec[0]['k'] if spec else '?'}) >= min", rate, gates.acceptance_min,

@@ -23,6 +23,7 @@ a deprecated alias), position ids default to `cache.get_seq_length() + arange(T)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -296,13 +297,26 @@ def assisted_generate_hf(target, draft, input_ids: torch.Tensor, max_new_tokens:
     try:
         target.generation_config, draft.generation_config = target_cfg, draft_cfg
         ids = input_ids.to(target.device)
-        with torch.inference_mode():
+        # assisted generation warns on every call about its own internal generate() arguments
+        with torch.inference_mode(), _quiet_transformers():
             out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
                                   do_sample=False, max_new_tokens=max_new_tokens)
     finally:
         draft.generation_config = saved[1]
         target.generation_config = saved[0]
     return out[0, ids.shape[1]:].cpu()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _forward(model, cache, ids, keep):

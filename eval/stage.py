@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.config import Strict
@@ -47,6 +47,7 @@ class Gates(Strict):
 
     ppl_ratio_max: float | None = Field(None, gt=0)
     mmlu_min_ratio: float | None = Field(None, gt=0)  # student MMLU acc / teacher MMLU acc
+    acc_min_ratio: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # {task: student/teacher acc}
     top1_min: float | None = Field(None, ge=0, le=1)
     acceptance_min: float | None = Field(None, ge=0, le=1)  # at the first k of speculative.ks
 
@@ -63,6 +64,13 @@ class EvalStage(StageConfig):
     speculative: SpeculativeCheck | None = Field(default_factory=SpeculativeCheck)
     gates: Gates = Field(default_factory=Gates)
     max_steps: None = None  # not a training stage
+
+    @model_validator(mode="after")
+    def _gated_tasks_run(self) -> "EvalStage":
+        missing = sorted(set(self.gates.acc_min_ratio) - set(self.tasks))
+        if missing:
+            raise ValueError(f"gates.acc_min_ratio names task(s) {missing} that are not in tasks {self.tasks}; add them to tasks")
+        return self
 
 
 @register(EvalStage)

