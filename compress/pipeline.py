@@ -162,7 +162,7 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         info.update(world=world)
-        info.setdefault("wandb_id", hashlib.sha1(f"{out.resolve()}|{os.getpid()}|{os.urandom(8).hex()}".encode()).hexdigest()[:12])
+        info.setdefault("wandb_id", os.urandom(6).hex())  # kept for the run's life: resumes continue it
         (out / "run.json").write_text(json.dumps(info))
     barrier()
     torch.manual_seed(recipe.seed)

@@ -56,7 +56,7 @@ def test_distill_end_to_end(tiny_teacher, tmp_path):
 
 def test_multi_stage_and_finished_stages_are_skipped(tiny_teacher, tmp_path):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 3},
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 3}, wandb={"mode": "offline"},
                           stages=[{"kind": "finetune"}, {"kind": "distill", "loss": "jsd", "max_steps": 2}])
     launch(recipe)
     rows = read_metrics(out)
@@ -70,6 +70,10 @@ def test_multi_stage_and_finished_stages_are_skipped(tiny_teacher, tmp_path):
     assert "stage 0 (finetune) already finished" in again.stdout
     assert "stage 1 (distill) already finished" in again.stdout
     assert (out / "final/model.safetensors").read_bytes() == first
+    # both starts logged into one wandb run, whose id run.json keeps
+    run_id = json.loads((out / "run.json").read_text())["wandb_id"]
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
 
     changed = launch(recipe, "train.lr=0.01", check=False)
     assert changed.returncode == 2 and "different recipe" in changed.stderr
