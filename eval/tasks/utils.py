@@ -213,7 +213,7 @@ def _cloze(n: int | None, metadata: dict):
 
 
 def load_pydocs_cloze(**kwargs):
-    """Every cloze item (``cloze_items``) of the held-out documents (~1,200 at the default split)."""
+    """Every cloze item (``cloze_items``) of the held-out documents (1,145 at the default split)."""
     return _cloze(None, kwargs)
 
 
