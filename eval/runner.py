@@ -46,8 +46,10 @@ def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg, *, sh
     with tqdm(total=len(cfg.ks) * len(prompts), desc="speculative decoding (k x prompts)", disable=not show,
               dynamic_ncols=True) as bar:
         for k in cfg.ks:
-            if rows and rows[-1]["stopped"]:  # hopeless at a smaller k, or out of time: skip the rest
-                rows.append({"k": k, "n_prompts": 0, "stopped": f"skipped ({rows[-1]['stopped'].split(':')[0]} at k={rows[-1]['k']})"})
+            prev = rows[-1]["stopped"] if rows else None
+            if prev:  # hopeless at a smaller k, or out of time: skip the rest, saying where it stopped
+                why = prev if prev.startswith("skipped") else f"skipped ({prev.split(':')[0].split(' after')[0]} at k={rows[-1]['k']})"
+                rows.append({"k": k, "n_prompts": 0, "stopped": why})
                 bar.update(len(prompts))
                 continue
             outputs: list[torch.Tensor] = []

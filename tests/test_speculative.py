@@ -276,17 +276,18 @@ def test_hopeless_draft_stops_early_and_the_rows_say_so(target, drafts, prompts,
     from eval.runner import speculative_report
     from eval.stage import SpeculativeCheck
 
-    cfg = SpeculativeCheck(ks=[2, 3], prompts=3, max_new_tokens=24, hopeless_acceptance=0.5, compare_hf=False)
+    cfg = SpeculativeCheck(ks=[2, 3, 4], prompts=3, max_new_tokens=24, hopeless_acceptance=0.5, compare_hf=False)
     rows = speculative_report(target, drafts["random"], prompts, cfg)
-    first, second = rows
+    first, second, third = rows
     assert first["acceptance_rate"] < 0.5 and first["n_prompts"] == 1 < len(prompts)
     assert first["stopped"].startswith("hopeless: acceptance") and "after 1 of 3 prompts" in first["stopped"]
     assert first["exact_match"] is True  # what did run is still checked
     assert second == {"k": 3, "n_prompts": 0, "stopped": "skipped (hopeless at k=2)"}
+    assert third == {"k": 4, "n_prompts": 0, "stopped": "skipped (hopeless at k=2)"}
     assert "speculative decoding" in capsys.readouterr().err  # the progress bar
     # a good draft is not stopped by the same threshold
     good = speculative_report(target, target, prompts, cfg)
-    assert [r["stopped"] for r in good] == [None, None] and all(r["n_prompts"] == 3 for r in good)
+    assert [r["stopped"] for r in good] == [None] * 3 and all(r["n_prompts"] == 3 for r in good)
 
 
 def test_time_budget_stops_after_the_current_prompt(target, drafts, prompts):
@@ -294,6 +295,12 @@ def test_time_budget_stops_after_the_current_prompt(target, drafts, prompts):
 
     stats = serve_prompts(target, drafts["perturbed"], prompts, k=2, max_new_tokens=8, deadline=_time.monotonic())
     assert stats["n_prompts"] == 1 and stats["stopped"] == "time budget spent after 1 of 3 prompts"
+    from eval.runner import speculative_report
+    from eval.stage import SpeculativeCheck
+
+    rows = speculative_report(target, drafts["perturbed"], prompts, SpeculativeCheck(
+        ks=[2, 3], prompts=3, max_new_tokens=8, time_budget_s=1e-6, compare_hf=False))
+    assert [r["n_prompts"] for r in rows] == [1, 0] and rows[1]["stopped"] == "skipped (time budget spent at k=2)"
     baseline: dict = {}
     full = serve_prompts(target, drafts["perturbed"], prompts, k=2, max_new_tokens=8, baseline=baseline)
     assert full["stopped"] is None and sorted(baseline) == [0, 1, 2]  # the greedy baseline, kept for the next k
