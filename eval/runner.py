@@ -83,23 +83,20 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
         add("ppl_ratio <= max", pair["ppl_ratio"], gates.ppl_ratio_max, pair["ppl_ratio"] <= gates.ppl_ratio_max)
     if gates.top1_min is not None:
         add("top1_agreement >= min", pair["top1_agreement"], gates.top1_min, pair["top1_agreement"] >= gates.top1_min)
-    if gates.mmlu_min_ratio is not None:
-        task = next((t for t in student_scores if t.startswith("mmlu")), None)
-        if task is None:
-            add("mmlu acc / teacher >= min (no mmlu task was run)", None, gates.mmlu_min_ratio, False)
-        elif teacher_scores[task]["acc"] == 0:  # no ratio to take: the student cannot be worse than 0
-            add(f"{task} acc / teacher >= min (teacher scored 0)", None, gates.mmlu_min_ratio, True)
-        else:
-            ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"]
-            add(f"{task} acc / teacher >= min", ratio, gates.mmlu_min_ratio, ratio >= gates.mmlu_min_ratio)
-    for task, minimum in gates.acc_min_ratio.items():
-        if task not in student_scores or "acc" not in student_scores[task]:
-            add(f"{task} acc / teacher >= min (task not run, or has no acc)", None, minimum, False)
-        elif teacher_scores[task]["acc"] == 0:
+    def acc_ratio(task: str | None, minimum: float) -> None:
+        """student acc / teacher acc >= minimum; passes (no ratio) when the teacher scored 0."""
+        if task is None or "acc" not in student_scores.get(task, {}):
+            add(f"{task or 'mmlu'} acc / teacher >= min (task not run, or has no acc)", None, minimum, False)
+        elif teacher_scores[task]["acc"] == 0:  # the student cannot be worse than 0
             add(f"{task} acc / teacher >= min (teacher scored 0)", None, minimum, True)
         else:
             ratio = student_scores[task]["acc"] / teacher_scores[task]["acc"]
             add(f"{task} acc / teacher >= min", ratio, minimum, ratio >= minimum)
+
+    if gates.mmlu_min_ratio is not None:
+        acc_ratio(next((t for t in student_scores if t.startswith("mmlu")), None), gates.mmlu_min_ratio)
+    for task, minimum in gates.acc_min_ratio.items():
+        acc_ratio(task, minimum)
     if gates.acceptance_min is not None:
         rate = spec[0]["acceptance_rate"] if spec else float("nan")
         add(f"acceptance_rate (k={spec[0]['k'] if spec else '?'}) >= min", rate, gates.acceptance_min,

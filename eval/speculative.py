@@ -218,18 +218,17 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
     results, exact, diverged_at, stopped = [], True, None, None
     for i, p in enumerate(prompts):
         proposed = sum(r.proposed for r in results)
+        rate = sum(r.accepted for r in results) / proposed if proposed else 1.0
         if results and deadline is not None and time.monotonic() > deadline:
             stopped = f"time budget spent after {len(results)} of {len(prompts)} prompts"
-        elif results and hopeless_below is not None and proposed >= min_proposed \
-                and sum(r.accepted for r in results) / proposed < hopeless_below:
-            stopped = (f"hopeless: acceptance {sum(r.accepted for r in results) / proposed:.3f} < {hopeless_below} "
-                       f"after {len(results)} of {len(prompts)} prompts")
+        elif results and hopeless_below is not None and proposed >= min_proposed and rate < hopeless_below:
+            stopped = f"hopeless: acceptance {rate:.3f} < {hopeless_below} after {len(results)} of {len(prompts)} prompts"
         if stopped:
             break
         if i not in baseline:
             start = _now(device)
-            baseline[i] = (greedy_generate(target, p, max_new_tokens), None)
-            baseline[i] = (baseline[i][0], _now(device) - start)
+            tokens = greedy_generate(target, p, max_new_tokens)
+            baseline[i] = (tokens, _now(device) - start)
         reference, seconds = baseline[i]
         base_time += seconds
         base_tokens += reference.numel()
