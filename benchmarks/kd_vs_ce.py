@@ -20,18 +20,14 @@ import argparse
 import json
 import math
 import os
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from compress.errors import CompressError  # noqa: E402
-from compress.recipe import load_recipe  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
+from benchmarks.common import BENCH_ENV, compare, finished, mean_std, plan_run, pm, run_recipe, write_atomic  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
 VARIANTS = {
@@ -75,26 +71,21 @@ def main() -> int:
     runs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted sweep leaves complete pairs
     plans = {}
     for v, s in runs:  # validate every recipe before the first 8-minute run
-        out = Path(args.runs) / args.tag / v / f"seed{s}"
-        overrides = [f"output_dir={out}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-                     "train.save_every=1000", "wandb.mode=disabled", f"stages={VARIANTS[v]}", *args.set, f"seed={s}"]
-        try:
-            recipe = json.loads(json.dumps(load_recipe(RECIPE, overrides).model_dump(mode="json")))
-        except CompressError as e:
-            sys.exit(f"error: {v} seed {s}: {e}")
-        plans[v, s] = (out, overrides, recipe)
+        plans[v, s] = plan_run(f"{v} seed {s}", RECIPE, Path(args.runs) / args.tag / v / f"seed{s}",
+                               [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+                                f"stages={VARIANTS[v]}", *args.set, f"seed={s}"])
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+    env = dict(os.environ, **BENCH_ENV)
     results, t_start = {v: {} for v in variants}, time.time()
     for i, (v, s) in enumerate(runs, 1):
         out, overrides, recipe = plans[v, s]
-        done = _finished(REPO / out, recipe) if args.reuse else None
+        done = finished(REPO / out, recipe) if args.reuse else None
         if done is not None:
             print(f"[{i}/{len(runs)}] {v} seed {s}: reusing {out / 'summary.json'}", flush=True)
             results[v][s] = done
             continue
         print(f"[{i}/{len(runs)}] {v} seed {s} → {out}", flush=True)
-        results[v][s] = _run(v, s, out, overrides, recipe, env)
+        results[v][s] = run_recipe(f"{v} seed {s}", RECIPE, out, overrides, recipe, env)
         print(f"[{i}/{len(runs)}] {v} seed {s}: {results[v][s]['final']} ({results[v][s]['seconds']:.0f} s)", flush=True)
 
     stats = _stats(results, seeds)
@@ -109,58 +100,11 @@ def main() -> int:
     payload = {"args": vars(args), "seeds": seeds, "wall_seconds": wall, "elapsed_seconds": elapsed, "goal": GOAL,
                "per_seed": {v: {str(s): r for s, r in results[v].items()} for v in variants},
                "summary": stats, "verdict": verdict}
-    _write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=2)),
+    write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=2)),
                    res / f"{args.tag}.md": lambda p: p.write_text(md),
                    res / f"{args.tag}.png": lambda p: _plot(results, stats, seeds, p)})
     print(f"wrote {res / args.tag}.{{json,md,png}}")
     return 0
-
-
-def _finished(out: Path, recipe: dict) -> dict | None:
-    """A finished run in ``out`` made from exactly ``recipe`` (with its time if recorded), or None."""
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if summary.get("recipe") != recipe:
-        return None
-    try:
-        seconds = json.loads(out.with_suffix(".time.json").read_text())["seconds"]
-    except (OSError, ValueError, KeyError):
-        seconds = None
-    return {"init": summary["metrics"]["init"], "final": summary["metrics"]["final"], "seconds": seconds, "reused": True}
-
-
-def _run(v: str, s: int, out: Path, overrides: list[str], recipe: dict, env: dict) -> dict:
-    """One launch/distill.py run, its output streamed to the console and to a log; exits on failure."""
-    log = REPO / out.parent / f"seed{s}.log"  # out is relative to the repo, where the run starts
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(RECIPE), *overrides, "--fresh"]
-    t0 = time.time()
-    with open(log, "wb") as f:
-        f.write((shlex.join(cmd) + "\n").encode())
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        while chunk := proc.stdout.read1(4096):
-            f.write(chunk)
-            f.flush()
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        rc = proc.wait()
-    seconds = time.time() - t0
-    summary = _finished(REPO / out, recipe)
-    if rc != 0 or summary is None:
-        tail = "\n".join(log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:])
-        why = f"exit status {rc}" if rc != 0 else f"exit status 0 but no summary.json for this recipe in {out}"
-        sys.exit(f"\n{tail}\n\nerror: run {v} seed {s} failed ({why}) after {seconds:.0f} s.\n"
-                 f"  command: {shlex.join(cmd)}\n  full log: {log}\n"
-                 f"No results were written. Finished runs are kept: rerun with --reuse to skip them.")
-    (REPO / out).with_suffix(".time.json").write_text(json.dumps({"seconds": seconds}))  # kept for --reuse
-    return {**summary, "seconds": seconds, "reused": False}
-
-
-def _mean_std(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs),
-            "min": min(xs), "max": max(xs)}
 
 
 def _stats(results: dict, seeds: list[int]) -> dict:
@@ -170,12 +114,12 @@ def _stats(results: dict, seeds: list[int]) -> dict:
         for s, r in by_seed.items():
             t, ce = r["final"]["teacher_ppl"], results["ce_only"][s]["final"]["student_ppl"]
             r["gap_ratio"] = (r["final"]["student_ppl"] - t) / (ce - t)
-        stats[v] = {m: _mean_std([by_seed[s]["final"][k] for s in seeds]) for m, (k, _) in METRICS.items()}
-        stats[v]["gap_ratio"] = _mean_std([by_seed[s]["gap_ratio"] for s in seeds])
+        stats[v] = {m: mean_std([by_seed[s]["final"][k] for s in seeds]) for m, (k, _) in METRICS.items()}
+        stats[v]["gap_ratio"] = mean_std([by_seed[s]["gap_ratio"] for s in seeds])
         secs = [by_seed[s]["seconds"] for s in seeds if by_seed[s]["seconds"] is not None]
-        stats[v]["seconds"] = _mean_std(secs) if secs else None
+        stats[v]["seconds"] = mean_std(secs) if secs else None
     first = results["ce_only"][seeds[0]]
-    stats["teacher"] = _mean_std([r["final"]["teacher_ppl"] for by_seed in results.values() for r in by_seed.values()])
+    stats["teacher"] = mean_std([r["final"]["teacher_ppl"] for by_seed in results.values() for r in by_seed.values()])
     stats["student_init"] = {m: first["init"][k] for m, (k, _) in METRICS.items()}
     # the claim "same student init" checked: every run measured the same init and the same teacher
     same = lambda a, b: math.isclose(a, b, rel_tol=1e-6)  # noqa: E731
@@ -184,18 +128,6 @@ def _stats(results: dict, seeds: list[int]) -> dict:
         and all(same(r["init"][k], first["init"][k]) for k, _ in METRICS.values())
         for by_seed in results.values() for r in by_seed.values())
     return stats
-
-
-def _compare(a: dict, b: dict, better: str) -> str:
-    """'better' / 'worse' / 'within the spread' for a vs b, from non-overlapping mean ± std intervals."""
-    if a["std"] is None or b["std"] is None:
-        return "no claim (one seed: no spread)"
-    lo_a, hi_a, lo_b, hi_b = a["mean"] - a["std"], a["mean"] + a["std"], b["mean"] - b["std"], b["mean"] + b["std"]
-    if hi_a < lo_b:
-        return "better" if better == "lower" else "worse"
-    if lo_a > hi_b:
-        return "worse" if better == "lower" else "better"
-    return "within the spread"
 
 
 def _verdict(stats: dict, variants: list[str]) -> dict:
@@ -213,14 +145,8 @@ def _verdict(stats: dict, variants: list[str]) -> dict:
         else:
             goal = "inconclusive (the mean ± std interval straddles 0.5)"
         out[v] = {"goal_gap_ratio_le_0.5": goal,
-                  **{f"vs_ce_only_{m}": _compare(stats[v][m], stats["ce_only"][m], d) for m, (_, d) in METRICS.items()}}
+                  **{f"vs_ce_only_{m}": compare(stats[v][m], stats["ce_only"][m], d) for m, (_, d) in METRICS.items()}}
     return out
-
-
-def _pm(ms: dict | None, fmt: str = ".4g") -> str:
-    if ms is None:
-        return ""
-    return f"{ms['mean']:{fmt}}" + (f" ± {ms['std']:{fmt}}" if ms["std"] is not None else "")
 
 
 def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int], wall: float) -> str:
@@ -240,20 +166,20 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int],
              "per seed against the CE-only run of the same seed (CE-only is 1 by definition). Every run measured "
              + ("the same student init and teacher." if stats["same_init_and_teacher"]
                 else "**not** the same student init or teacher: the runs are not comparable, see the json."), ""]
-    rows = [{"model": "teacher", "ppl": _pm(stats["teacher"])},
+    rows = [{"model": "teacher", "ppl": pm(stats["teacher"])},
             {"model": "student before training", **{m: f"{stats['student_init'][m]:.4g}" for m in METRICS}}]
-    rows += [{"model": v, "seeds": len(seeds), **{m: _pm(stats[v][m]) for m in METRICS},
-              "gap_ratio": _pm(stats[v]["gap_ratio"], ".3f"), "seconds/run": _pm(stats[v]["seconds"], ".0f")}
+    rows += [{"model": v, "seeds": len(seeds), **{m: pm(stats[v][m]) for m in METRICS},
+              "gap_ratio": pm(stats[v]["gap_ratio"], ".3f"), "seconds/run": pm(stats[v]["seconds"], ".0f")}
              for v in results]
     lines += [format_table(rows, ["model", "seeds", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds/run"]), ""]
     lines += ["Verdict (a claim holds only where the difference exceeds the spread: mean ± std intervals apart):", ""]
     for v, d in verdict.items():
         g, ppl = stats[v]["gap_ratio"], d["vs_ce_only_ppl"]
         lines.append(f"- **{v}: goal (gap ratio <= {GOAL}) {d['goal_gap_ratio_le_0.5'].upper()}** "
-                     f"(gap ratio {_pm(g, '.3f')}).")
+                     f"(gap ratio {pm(g, '.3f')}).")
         plain = {"better": "YES", "worse": "NO (worse beyond the spread)", "within the spread": "NO (within the spread)"}
         lines.append(f"- **{v} better than CE-only in perplexity beyond the spread: {plain.get(ppl, ppl)}** "
-                     f"({_pm(stats[v]['ppl'])} vs {_pm(stats['ce_only']['ppl'])}); "
+                     f"({pm(stats[v]['ppl'])} vs {pm(stats['ce_only']['ppl'])}); "
                      f"top-1 agreement: {d['vs_ce_only_top1_agreement']}; KL: {d['vs_ce_only_kl']}.")
         wins = sum(results[v][s]["final"]["student_ppl"] < results["ce_only"][s]["final"]["student_ppl"] for s in seeds)
         lines.append(f"- {v} has the lower perplexity than CE-only in {wins} of {len(seeds)} seeds (paired by seed).")
@@ -264,20 +190,6 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int],
     cols = ["variant", "seed", "ppl", "top1_agreement", "kl", "gap_ratio", "seconds"]
     lines += ["", "Per seed:", "", format_table(per_seed, cols)]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(writers: dict) -> None:
-    """Writes every file to a temporary name first, then renames them all: no half-written or mixed set."""
-    tmps = {path: path.with_name(f".{path.name}.tmp") for path in writers}
-    try:
-        for path, write in writers.items():
-            write(tmps[path])
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in tmps.items():
-        os.replace(tmp, path)
 
 
 def _plot(results: dict, stats: dict, seeds: list[int], path: Path) -> None:

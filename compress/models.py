@@ -162,6 +162,8 @@ def check_fit(recipe) -> None:
     if st.init == "drop_layers":
         s_cfg = copy.deepcopy(t_cfg)
         s_cfg.num_hidden_layers = len(kept_layers(t_cfg.num_hidden_layers, st.keep_every, st.keep_layers))
+    elif st.init == "teacher":
+        s_cfg = copy.deepcopy(t_cfg)
     elif st.init == "config":
         s_cfg = student_config(t_cfg, st.config)
     elif st.init == "checkpoint":
@@ -172,9 +174,14 @@ def check_fit(recipe) -> None:
             tok_len = len(load_tokenizer(st.path))
             if min(s_cfg.vocab_size, t_cfg.vocab_size) < tok_len:
                 raise CompressError(f"model vocab sizes ({s_cfg.vocab_size}, {t_cfg.vocab_size}) are smaller than the tokenizer ({tok_len}); the checkpoint is broken")
-    # each stage checks itself against the model shapes (the student's as it enters the run)
+    # each stage checks itself against the student's shape as it enters that stage
     for stage in recipe.stages:
-        method_class(stage).check(stage, recipe, {"teacher": t_cfg, "student": s_cfg})
+        method = method_class(stage)
+        if getattr(stage, "lora", None) is not None and not method.trains:
+            raise CompressError(f"stage {stage.kind!r} does not train, so `lora` has nothing to do there; "
+                                "put it on a training stage (distill, finetune)")
+        method.check(stage, recipe, {"teacher": t_cfg, "student": s_cfg})
+        s_cfg = method.out_config(stage, s_cfg) if s_cfg is not None else None
 
 
 def build_student(recipe, teacher: nn.Module | None, teacher_config=None) -> tuple[nn.Module, list[int] | None]:
@@ -185,6 +192,8 @@ def build_student(recipe, teacher: nn.Module | None, teacher_config=None) -> tup
     if st.init == "drop_layers":
         keep = kept_layers(teacher.config.num_hidden_layers, st.keep_every, st.keep_layers)
         return drop_layers(teacher, keep), keep
+    if st.init == "teacher":
+        return copy.deepcopy(teacher), list(range(teacher.config.num_hidden_layers))
     from transformers import AutoModelForCausalLM
 
     cfg = student_config(teacher_config or teacher.config, st.config)

@@ -80,12 +80,18 @@ def detached(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     Where the optimizer kept fp32 master weights (bf16, ZeRO 1-3) those are the weights, not the
     module's bf16 copies or its empty ZeRO-3 shards: the next stage and the export start from them.
+    LoRA adapters (``compress.lora``) are folded into their base weights here.
     """
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from compress.lora import lora_modules, merged_state
+
+    lora = bool(lora_modules(module))
     if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in module.parameters()):
-        return module  # fp32 without ZeRO: the optimizer stepped on these very tensors
+        if not lora:
+            return module  # fp32 without ZeRO: the optimizer stepped on these very tensors
+        return rebuild(module, merged_state(module.state_dict(), module)).to(device)
     state = {}
     for name, p in module.named_parameters():
         master = safe_get_full_fp32_param(p)  # collective under ZeRO-3: every rank calls it
@@ -95,7 +101,7 @@ def detached(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         state[name] = master.reshape(getattr(p, "ds_shape", p.shape)).float().cpu()
     persistent = module.state_dict().keys()  # not e.g. rotary tables, which the skeleton rebuilds
     state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name in persistent})
-    return rebuild(module, state).to(device)
+    return rebuild(module, merged_state(state, module) if lora else state).to(device)
 
 
 def _file_sha256(path: str) -> str | None:
@@ -113,22 +119,39 @@ def run_stage(index: int, stage, student: torch.nn.Module, ctx: RunContext) -> t
     stage's ``run``. Returns the student and what a read-only stage reported."""
     from compress.train import train_stage
 
-    method = method_for(stage, ctx)
+    from compress.train import evaluate
+
     stage_dir = ctx.output_dir / "stages" / f"{index}-{stage.kind}"
+    method = method_for(stage, ctx, index, stage_dir)
     if not method.changes_model:
         return method.run(student, stage_dir), method.results
-    result = stage_dir / "model"
+    result, info_path = stage_dir / "model", stage_dir / "transform.json"
     if is_stage_model(result):
         if ctx.is_main:
             print(f"stage {index} ({stage.kind}) already finished; loaded {result}", flush=True)
+        if info_path.is_file():
+            method.loaded(json.loads(info_path.read_text()))
         return load_stage_model(result, ctx.device), None
     if method.has_transform():
         transformed = stage_dir / ("transformed" if method.trains else "model")
         if not is_stage_model(transformed):
             if ctx.is_main:  # one rank transforms; every rank then loads the same saved result
-                save_stage_model(method.transform(student), transformed)
+                new = method.transform(student)
+                _write_json(info_path, method.transform_info)  # before the model: a model never lacks its info
+                save_stage_model(new, transformed)
+                del new
             ctx.barrier()
         student = load_stage_model(transformed, ctx.device)
+        info = json.loads(info_path.read_text())
+        if "metrics" not in info:  # the transformed model before any training (every rank: ZeRO-3 teacher)
+            student.eval()
+            info["metrics"] = evaluate(ctx, _logits_fn(student))
+            info["params"] = param_count(student)
+            if ctx.is_main:
+                _write_json(info_path, info)
+                ctx.logger.log({"stage": index, "step": 0, **{f"transformed/{k}": v for k, v in info["metrics"].items()}})
+            ctx.barrier()
+        method.loaded(info)
     if method.trains:
         student = detached(train_stage(index, method, student, ctx), ctx.device)
         if ctx.is_main:
@@ -138,6 +161,21 @@ def run_stage(index: int, stage, student: torch.nn.Module, ctx: RunContext) -> t
                 shutil.rmtree(stage_dir / "transformed", ignore_errors=True)
         ctx.barrier()
     return student, None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def stage_transforms(out: Path) -> dict[int, dict]:
+    """Every stage's saved ``transform.json`` (index -> info), for the summary and the report."""
+    found = {}
+    for path in sorted((out / "stages").glob("*/transform.json")):
+        found[int(path.parent.name.split("-", 1)[0])] = json.loads(path.read_text())
+    return found
 
 
 def _logits_fn(model):
@@ -203,6 +241,12 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
         student, reported = run_stage(i, stage, student, ctx)
         eval_results = reported or eval_results
         stages_run.append({"index": i, **stage.model_dump(mode="json"), "steps": recipe.stage_steps(stage)})
+    transforms = stage_transforms(out)
+    for entry in stages_run:
+        if entry["index"] in transforms:
+            entry["transform"] = transforms[entry["index"]]
+            rows.append({"model": f"after {entry['index']}-{entry['kind']}", "params": transforms[entry["index"]].get("params"),
+                         **transforms[entry["index"]].get("metrics", {})})
 
     student.eval()
     final = evaluate(ctx, _logits_fn(student))

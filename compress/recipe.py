@@ -32,9 +32,10 @@ class TeacherConfig(Strict):
 
 
 class StudentConfig(Strict):
-    # drop_layers: the teacher with only some layers kept; config: a fresh, smaller model
-    # (teacher config with `config` overrides); checkpoint: a local HF directory at `path`.
-    init: Literal["drop_layers", "config", "checkpoint"] = "drop_layers"
+    # drop_layers: the teacher with only some layers kept; teacher: a full copy of the teacher
+    # (for a prune stage to cut); config: a fresh, smaller model (teacher config with `config`
+    # overrides); checkpoint: a local HF directory at `path`.
+    init: Literal["drop_layers", "teacher", "config", "checkpoint"] = "drop_layers"
     keep_every: int = Field(2, ge=1)
     keep_layers: list[Annotated[int, Field(ge=0)]] | None = None  # explicit, overrides keep_every
     config: dict[str, Any] = Field(default_factory=dict)

@@ -122,6 +122,31 @@ def eval_tables(results: dict) -> str:
     return "\n".join(parts)
 
 
+def transform_sections(stages: list[dict]) -> list[str]:
+    """What each one-shot transform reported (``transform.json``): values as a list, row lists as tables."""
+    lines = []
+    for st in stages:
+        info = st.get("transform")
+        if not info:
+            continue
+        lines += [f"## Stage {st['index']}: {st['kind']} (one-shot transform)", ""]
+        tables = []
+        for key, value in info.items():
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                tables.append((key, value))
+            elif key != "metrics" and value is not None:
+                lines.append(f"- {key}: {value}")
+        if info.get("metrics"):
+            m = info["metrics"]
+            lines.append("- right after the transform: " + ", ".join(f"{k} {m[k]:.4g}" for k in
+                                                                     ("student_ppl", "ppl_ratio", "top1_agreement", "kl") if k in m))
+        for key, rows in tables:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["", f"### {key}", "", format_table(rows, cols)]
+        lines.append("")
+    return lines
+
+
 def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: list[dict] = (),
                  summary: dict | None = None, logger=None) -> Path:
     out = Path(out_dir)
@@ -131,6 +156,8 @@ def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: l
     if summary and summary.get("table"):
         lines += ["## Run", "", format_table(summary["table"], ["model", "params", "bytes_on_disk", "student_ppl",
                                                                 "ppl_ratio", "top1_agreement", "kl"]), ""]
+    if summary:
+        lines += transform_sections(summary.get("stages", []))
     if results:
         lines += [eval_tables(results), ""]
     plots = {"loss": plot_loss(list(metrics), figs / "loss.png"),

@@ -35,15 +35,18 @@ from torch import nn
 
 from compress.config import Strict
 from compress.errors import CompressError
+from compress.lora import LoraConfig
 from compress.losses import ce_loss
 
 STAGE_METHODS: dict[str, type["StageMethod"]] = {}  # kind -> method (its config: method.config_type)
 
 
 class StageConfig(Strict):
-    """Base of every stage config: a ``kind`` literal, and ``max_steps`` where the stage trains."""
+    """Base of every stage config: a ``kind`` literal, and for stages that train ``max_steps``
+    and ``lora`` (train low-rank adapters only, merged into the weights after the stage)."""
 
     max_steps: int | None = Field(None, ge=1)  # overrides train.max_steps for this stage
+    lora: LoraConfig | None = None
 
 
 def register(config_type: type[StageConfig]):
@@ -69,8 +72,8 @@ def method_class(cfg) -> type["StageMethod"]:
     return STAGE_METHODS[cfg.kind]
 
 
-def method_for(cfg, ctx: "RunContext") -> "StageMethod":
-    return method_class(cfg)(cfg, ctx)
+def method_for(cfg, ctx: "RunContext", index: int = 0, stage_dir: Path | None = None) -> "StageMethod":
+    return method_class(cfg)(cfg, ctx, index, stage_dir)
 
 
 @dataclass
@@ -114,13 +117,22 @@ class StageMethod:
     changes_model = True  # False for read-only stages (eval): nothing is saved for them
     results: dict | None = None  # what a read-only stage reports (eval: the eval.json dict)
 
-    def __init__(self, cfg, ctx: RunContext):
+    def __init__(self, cfg, ctx: RunContext, index: int = 0, stage_dir: Path | None = None):
         self.cfg, self.ctx = cfg, ctx
+        self.index, self.stage_dir = index, stage_dir  # the stage's place in the recipe, its folder
+        self.transform_info: dict = {}  # what a transform reports (saved as <stage_dir>/transform.json)
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
         """Cheap pre-flight checks of ``cfg`` against the recipe and the model configs
-        (``configs["teacher"]``, ``configs["student"]``), before any weights load."""
+        (``configs["teacher"]``, ``configs["student"]``: the student as it enters this stage,
+        or None where an earlier stage makes its shape unknown), before any weights load."""
+
+    @classmethod
+    def out_config(cls, cfg, config):
+        """The student's HF config after this stage, from the one before it (None: not known
+        before the run, e.g. after a budget search). Shape-changing methods override it."""
+        return config
 
     @classmethod
     def has_transform(cls) -> bool:
@@ -129,6 +141,10 @@ class StageMethod:
     def transform(self, model: nn.Module) -> nn.Module:
         """One-shot change of the model (prune, convert, swap modules); run once per stage."""
         return model
+
+    def loaded(self, info: dict) -> None:
+        """On every rank, once the transform's result is in hand (also on resume): ``info`` is
+        ``transform_info`` as saved, plus the transformed model's held-out ``metrics``."""
 
     def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
         """A read-only stage's whole work (``changes_model = False``); others use the spine's."""

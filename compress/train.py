@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from compress.checkpoint import latest_step, mark_complete, step_tag
 from compress.constraints import constrained_params, enforce
 from compress.data import rank_micro_indices, sample_indices
+from compress.lora import add_lora
 from compress.metrics import pair_metrics
 from compress.stages import RunContext, StageMethod
 
@@ -95,6 +96,8 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
     ckpt_dir = stage_dir / "checkpoints"
     ctx.extra["stage_seed"] = recipe.seed + 1000 * index
 
+    if method.cfg.lora is not None:  # folded back in by compress.pipeline.detached
+        student = add_lora(student, method.cfg.lora)
     module = method.wrap(student)
     optimizer = make_optimizer(module, tr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr, steps))
