@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from compress.errors import CompressError
-from compress.pruning import (activation_stats, apply_plan, candidate_shapes, check_shape, make_plan,
-                              non_embedding_params, random_stats, select_heads, shape_of)
+from compress.importance import activation_stats, random_stats
+from compress.pruning import (apply_plan, candidate_shapes, check_shape, make_plan, non_embedding_params,
+                              select_heads, shape_of)
 from tests.tiny import REPO, run_env, write_recipe
 
 

@@ -12,7 +12,7 @@
       - kind: eval
 
 The result is a stock HF model of the same architecture and a smaller shape (config.json says
-which). The math lives in ``compress.pruning``; this module holds the config, the pre-flight
+which). The math lives in ``compress.pruning`` and ``compress.importance``; this module holds the config, the pre-flight
 checks, the importance cache and the budget search. Importance is computed once per (model
 weights, data, calibration draw) and cached under ``cache_dir``, so a second run with another
 target reuses it.
@@ -34,8 +34,9 @@ from torch import nn
 from compress.config import Strict
 from compress.errors import CompressError
 from compress.modelio import custom_modules
-from compress.pruning import (SHAPE_KEYS, activation_stats, apply_plan, calib_loss, candidate_shapes, check_shape,
-                              log_probs, make_plan, non_embedding_params, pruned_config, random_stats, shape_of, spread)
+from compress.importance import activation_stats, calib_loss, log_probs, random_stats
+from compress.pruning import (SHAPE_KEYS, apply_plan, candidate_shapes, check_shape, make_plan, non_embedding_params,
+                              pruned_config, shape_of, spread)
 from compress.stages import StageConfig, StageMethod, register
 
 
