@@ -268,3 +268,26 @@ def test_gpu_prune_then_lora_distill(tiny_teacher, tmp_path):
     assert shape_of(model.config) == {k: PRUNE[k] for k in shape_of(model.config)}
     pruned = json.loads((out / "stages/0-prune/transform.json").read_text())["metrics"]
     assert info["metrics"]["final"]["kl"] < pruned["kl"]
+
+
+@pytest.mark.slow
+@pytest.mark.multi_rank
+def test_two_ranks_prune_once_and_train_the_same_model(tiny_teacher, tmp_path):
+    """Rank 0 prunes, both ranks load its result: the losses equal one rank with accumulation."""
+    from compress.tracking import read_metrics
+    from tests.test_multirank import deepspeed_cmd
+
+    def recipe(name, **train):
+        return write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, tmp_path / name, student={"init": "teacher"},
+                            train={"max_steps": 4, "micro_batch_size": 2, "zero_stage": 3, "save_every": 4, **train},
+                            stages=[{**PRUNE, "cache_dir": str(tmp_path / "imp")}, {"kind": "distill"}])
+
+    p = subprocess.run(deepspeed_cmd(recipe("two"), port=29631), capture_output=True, text=True, env=run_env(),
+                       cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("prune: {") == 1  # one rank pruned
+    q = launch(recipe("one", grad_accum=2))
+    assert q.returncode == 0, q.stderr[-3000:]
+    loss = lambda out: torch.tensor([r["loss"] for r in read_metrics(out) if "loss" in r])  # noqa: E731
+    torch.testing.assert_close(loss(tmp_path / "two"), loss(tmp_path / "one"), rtol=1e-4, atol=1e-6)
+    assert shape_of(AutoModelForCausalLM.from_pretrained(tmp_path / "two/final").config)["hidden_size"] == 48

@@ -1,0 +1,96 @@
+"""Integer quantization math: quantize/dequantize against a per-group loop reference, the
+straight-through gradient, pack/unpack round trips, and the packed layout equal to the
+compressed-tensors library's own (the real library, both directions)."""
+
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.quant import IntSpec, dequantize, fake_quant, pack_int32, quantize, unpack_int32
+
+SHAPES = [(8, 64), (5, 96), (3, 576)]  # (out, in); 5 x 96: odd rows, 3 groups of 32
+
+
+def reference(w, spec):
+    """Per group, written out with Python scalars: the formula of compress/quant.py's docstring."""
+    g = spec.group_size or w.shape[1]
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for c0 in range(0, w.shape[1], g):
+            x = w[r, c0:c0 + g].tolist()
+            if spec.symmetric:
+                scale, zero = max(abs(v) for v in x) / spec.qmax, 0.0
+            else:
+                lo, hi = min(min(x), 0.0), max(max(x), 0.0)
+                scale = (hi - lo) / (spec.qmax - spec.qmin)
+                zero = min(max(spec.qmin - round(lo / scale), spec.qmin), spec.qmax) if scale > 0 else 0.0
+            scale = scale if scale > 0 else 1.0
+            for j, v in enumerate(x):
+                q = min(max(round(v / scale) + zero, spec.qmin), spec.qmax)
+                out[r, c0 + j] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("spec", [IntSpec(8, None, True), IntSpec(4, 32, True), IntSpec(4, 32, False),
+                                  IntSpec(4, None, False), IntSpec(8, 32, False)], ids=repr)
+def test_quantize_dequantize_matches_the_reference(shape, spec):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0, :4] = 0.0  # zeros and a tied max
+    q, scale, zero = quantize(w, spec)
+    assert q.dtype == torch.int8 and int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
+    w_hat = dequantize(q, scale, zero, spec)
+    torch.testing.assert_close(w_hat, reference(w, spec), rtol=0, atol=1e-7)
+    # round to nearest: never further than half a step from the weight
+    g = spec.group_size or shape[1]
+    step = scale.repeat_interleave(g, dim=1)
+    assert ((w - w_hat).abs() <= step / 2 + 1e-7).all()
+    # quantizing the dequantized weight again is exact (a fixed point)
+    torch.testing.assert_close(dequantize(*quantize(w_hat, spec), spec), w_hat, rtol=0, atol=1e-7)
+
+
+def test_all_zero_group_is_exact():
+    w = torch.zeros(2, 64)
+    w[1, 32:] = torch.linspace(-1, 1, 32)
+    for spec in (IntSpec(4, 32, True), IntSpec(4, 32, False)):
+        w_hat = dequantize(*quantize(w, spec), spec)
+        assert torch.equal(w_hat[:, :32], w[:, :32]) and torch.equal(w_hat[0], w[0])
+
+
+def test_fake_quant_forward_is_dequantized_and_gradient_passes_straight_through():
+    spec = IntSpec(4, 32, False)
+    w = (torch.randn(4, 64) * 0.1).requires_grad_()
+    out = fake_quant(w, spec)
+    torch.testing.assert_close(out.detach(), dequantize(*quantize(w, spec), spec))
+    upstream = torch.randn(4, 64)
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [32, 64, 70, 576])
+def test_pack_unpack_round_trip(bits, n):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
+    q = torch.randint(lo, hi, (5, n), generator=torch.Generator().manual_seed(bits * n)).to(torch.int8)
+    packed = pack_int32(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (5, -(-n * bits // 32))
+    assert torch.equal(unpack_int32(packed, bits, n), q)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 3])
+@pytest.mark.parametrize("n", [64, 96, 70])
+def test_packed_layout_is_compressed_tensors(bits, n):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, n),
+                      generator=torch.Generator().manual_seed(n)).to(torch.int8)
+    ours = pack_int32(q, bits)
+    assert torch.equal(ours, pack_to_int32(q, bits))
+    assert torch.equal(unpack_from_int32(ours, bits, q.shape), q)
+
+
+def test_group_that_does_not_divide_the_row_is_refused_with_a_fix():
+    with pytest.raises(CompressError, match="group_size 128 does not divide q_proj's 576 input features; use 32 or 64"):
+        IntSpec(4, 128).groups(576, "q_proj")
+    with pytest.raises(CompressError, match="bits"):
+        IntSpec(5, 32).groups(64)
