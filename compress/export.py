@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from compress.checkpoint import publish_dir
@@ -24,18 +25,59 @@ def bytes_on_disk(folder: str | os.PathLike, pattern: str = "*.safetensors") -> 
     return sum(f.stat().st_size for f in Path(folder).glob(pattern))
 
 
+def packed_state(model: nn.Module) -> tuple[dict, dict] | None:
+    """(state dict, quantization_config) where custom modules store themselves packed
+    (``export_tensors``, e.g. ``QuantLinear`` in compressed-tensors' layout); None if none do.
+    Other custom modules are materialized into stock ones first."""
+    packers = {n: m for n, m in custom_modules(model).items()
+               if hasattr(m, "export_tensors") and m.export_tensors(torch.float32) is not None}
+    if not packers:
+        return None
+    for name, m in custom_modules(model).items():
+        if name not in packers:
+            model.set_submodule(name, m.materialize())
+    dtype = next(model.parameters()).dtype
+    state = dict(model.state_dict())
+    for name, m in packers.items():
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.{k}": v for k, v in m.export_tensors(dtype).items()})
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    kept_float = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # e.g. lm_head
+    qconfig = type(next(iter(packers.values()))).export_config(packers, kept_float)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}, qconfig
+
+
 def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict) -> Path:
-    """A plain HF folder: custom modules (masks, fake-quant, ...) become their stock equivalents.
-    A model's ``quantization_config`` is kept (the GGUF loader's is already dropped at load time)."""
+    """A plain HF folder: custom modules (masks, ...) become their stock equivalents, and quantized
+    ones are written packed with their ``quantization_config`` (compressed-tensors). A model's
+    own ``quantization_config`` is kept (the GGUF loader's is already dropped at load time)."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    packed = None
     if custom_modules(model):
-        model = materialize(copy.deepcopy(model))
+        model = copy.deepcopy(model)
+        packed = packed_state(model)
+        if packed is None:
+            model = materialize(model)
     model.config.use_cache = True  # for users who generate with the export
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if packed is not None:
+            state, qconfig = packed
+            config = copy.deepcopy(model.config)
+            config.quantization_config = qconfig
+            tmp.mkdir(parents=True)
+            config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = dict(info, bytes_on_disk=bytes_on_disk(tmp))
         (tmp / "compression.json").write_text(json.dumps(info, indent=2, default=str))
