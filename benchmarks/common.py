@@ -106,3 +106,97 @@ def write_atomic(writers: dict) -> None:
         raise
     for path, tmp in tmps.items():
         os.replace(tmp, path)
+
+
+def sweep_arguments(ap, default_arms: list[str], all_arms: list[str], runs: str, tag: str) -> None:
+    """The command line every arms x seeds benchmark takes."""
+    ap.add_argument("--arms", default=",".join(default_arms), help=f"comma-separated, of: {', '.join(all_arms)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU fits several of this size)")
+    ap.add_argument("--runs", default=runs)
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
+    ap.add_argument("--tag", default=tag)
+    ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--aggregate", action="store_true", help="only collect finished runs and write the results")
+
+
+def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, float]:
+    """Every (arm, seed) as a real launch/distill.py run, ``args.jobs`` at once; an arm is
+    (student, stages[, more overrides]). Returns ({arm: {seed: result}}, plans, wall seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    if unknown := [a for a in arms if a not in arm_table]:
+        sys.exit(f"error: unknown arm(s) {unknown}; choose from {list(arm_table)}")
+    plans = {}
+    for s in seeds:
+        for a in arms:  # validate every recipe before the first run
+            student, stages, *more = arm_table[a]
+            plans[a, s] = plan_run(f"{a} seed {s}", recipe_path, Path(args.runs) / a / f"seed{s}",
+                                   [f"student={student}", f"stages={stages}", *(more[0] if more else []), *args.set,
+                                    f"seed={s}"])
+
+    env = dict(os.environ, **BENCH_ENV)
+    if args.jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
+    results: dict = {a: {} for a in arms}
+    t0 = time.time()
+
+    def one(key):
+        a, s = key
+        out, overrides, recipe = plans[key]
+        done = finished(REPO / out, recipe)
+        if done is not None and (args.reuse or args.aggregate):
+            return key, done
+        if args.aggregate:
+            return key, None
+        print(f"start {a} seed {s} -> {out}", flush=True)
+        r = run_recipe(f"{a} seed {s}", recipe_path, out, overrides, recipe, env, echo=args.jobs == 1)
+        print(f"done {a} seed {s}: ppl {r['final']['student_ppl']:.2f} ({r['seconds']:.0f} s)", flush=True)
+        return key, r
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for (a, s), r in pool.map(one, [(a, s) for s in seeds for a in arms]):
+            if r is not None:
+                summary = json.loads((REPO / plans[a, s][0] / "summary.json").read_text())
+                results[a][s] = {**r, "transform": transforms(REPO / plans[a, s][0]), "table": summary["table"],
+                                 "student_params": summary["student_params"], "device": summary.get("device"),
+                                 "precision": summary.get("precision")}
+    wall = time.time() - t0
+    return results, plans, wall
+
+
+def transforms(out: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*/transform.json"))}
+
+
+def latency_ratios(finals: dict[str, Path], recipe_path: Path, reps: int = 10) -> dict:
+    """CPU forward time of each exported model (batch 1 x 128 tokens, fp32) as a ratio to the teacher's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compress.models import load_model
+
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    x = torch.randint(0, 1000, (1, 128))
+
+    @torch.no_grad()
+    def timed(model) -> float:
+        model.eval()
+        for _ in range(2):
+            model(input_ids=x)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(input_ids=x)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    teacher = timed(load_model(recipe.teacher.source).cpu())
+    out = {"teacher_s": teacher, "threads": torch.get_num_threads()}
+    for arm, path in finals.items():
+        if (path / "config.json").is_file():
+            out[arm] = timed(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) / teacher
+    return out

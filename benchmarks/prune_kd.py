@@ -27,17 +27,12 @@ collects what has finished (e.g. after a timeout) and writes benchmarks/results/
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import BENCH_ENV, compare, finished, mean_std, plan_run, pm, run_recipe, write_atomic  # noqa: E402
-from compress.recipe import load_recipe  # noqa: E402
+from benchmarks.common import compare, latency_ratios, mean_std, pm, run_sweep, sweep_arguments, write_atomic  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
@@ -62,54 +57,12 @@ GOAL = 0.5  # KD gap ratio against CE on the same pruned student
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default=",".join(list(ARMS)[:7]), help=f"comma-separated, of: {', '.join(ARMS)}")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU fits several of this size)")
-    ap.add_argument("--runs", default="runs/bench_prune_kd")
-    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
-    ap.add_argument("--tag", default="prune_kd")
-    ap.add_argument("--reuse", action="store_true")
-    ap.add_argument("--aggregate", action="store_true", help="only collect finished runs and write the results")
+    sweep_arguments(ap, list(ARMS)[:7], list(ARMS), "runs/bench_prune_kd", "prune_kd")
     args = ap.parse_args()
 
-    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
-    if unknown := [a for a in arms if a not in ARMS]:
-        sys.exit(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    plans = {}
-    for s in seeds:
-        for a in arms:  # validate every recipe before the first run
-            student, stages = ARMS[a]
-            plans[a, s] = plan_run(f"{a} seed {s}", RECIPE, Path(args.runs) / a / f"seed{s}",
-                                   [f"student={student}", f"stages={stages}", *args.set, f"seed={s}"])
-
-    env = dict(os.environ, **BENCH_ENV)
-    if args.jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
-    results: dict = {a: {} for a in arms}
-    t0 = time.time()
-
-    def one(key):
-        a, s = key
-        out, overrides, recipe = plans[key]
-        done = finished(REPO / out, recipe)
-        if done is not None and (args.reuse or args.aggregate):
-            return key, done
-        if args.aggregate:
-            return key, None
-        print(f"start {a} seed {s} -> {out}", flush=True)
-        r = run_recipe(f"{a} seed {s}", RECIPE, out, overrides, recipe, env, echo=args.jobs == 1)
-        print(f"done {a} seed {s}: ppl {r['final']['student_ppl']:.2f} ({r['seconds']:.0f} s)", flush=True)
-        return key, r
-
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for (a, s), r in pool.map(one, [(a, s) for s in seeds for a in arms]):
-            if r is not None:
-                summary = json.loads((REPO / plans[a, s][0] / "summary.json").read_text())
-                results[a][s] = {**r, "transform": _transforms(REPO / plans[a, s][0]), "table": summary["table"],
-                                 "student_params": summary["student_params"], "device": summary.get("device"),
-                                 "precision": summary.get("precision")}
-    wall = time.time() - t0
-    latency = _latency({a: REPO / plans[a, min(results[a])][0] / "final" for a in arms if results[a]})
+    results, plans, wall = run_sweep(ARMS, RECIPE, args)
+    arms = args.arms.split(",")
+    latency = latency_ratios({a: REPO / plans[a, min(results[a])][0] / "final" for a in arms if results[a]}, RECIPE)
     stats = _stats(results, latency)
     verdict = _verdict(stats)
     md = _markdown(args, results, stats, verdict, wall)
@@ -124,40 +77,6 @@ def main() -> int:
                   res / f"{args.tag}.png": lambda p: _plot(results, stats, p)})
     print(f"wrote {res / args.tag}.{{json,md,png}}")
     return 0
-
-
-def _transforms(out: Path) -> dict:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*/transform.json"))}
-
-
-def _latency(finals: dict[str, Path], reps: int = 10) -> dict:
-    """CPU forward time of each exported model (batch 1 x 128 tokens, fp32) as a ratio to the teacher's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from compress.models import load_model
-
-    recipe = load_recipe(RECIPE)
-    x = torch.randint(0, 1000, (1, 128))
-
-    @torch.no_grad()
-    def timed(model) -> float:
-        model.eval()
-        for _ in range(2):
-            model(input_ids=x)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(input_ids=x)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    teacher = timed(load_model(recipe.teacher.source).cpu())
-    out = {"teacher_s": teacher, "threads": torch.get_num_threads()}
-    for arm, path in finals.items():
-        if (path / "config.json").is_file():
-            out[arm] = timed(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) / teacher
-    return out
 
 
 def _stats(results: dict, latency: dict) -> dict:

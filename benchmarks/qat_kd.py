@@ -1,0 +1,104 @@
+"""Weight quantization on the real teacher: RTN vs QAT with CE vs QAT with KD, int4 g64, over seeds.
+
+    .venv/bin/python benchmarks/qat_kd.py [--arms rtn_int4_g64,qat_kd_int4_g64,...] [--seeds 0,1,2] [--jobs 1]
+
+Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
+the teacher (`student.init: teacher`) and one quantization stage; training arms take 150 steps x
+8 x 128 tokens (the issue's budget, 150 x 1,024 tokens) at lr 5e-5 (warmup 10, cosine to 10%).
+RTN arms do not train (their seed changes nothing). Metrics against the fp teacher on held-out
+Python docs: perplexity ratio, KL, top-1 agreement, and bytes on disk of the compressed-tensors
+export. Goals (issue 14): int4 g64 QAT-KD reaches ppl ratio <= 1.05, KL <= 0.17, top-1 >= 0.80,
+and recovers >= 90% of RTN's gap in perplexity and in KL; claims only beyond the seed spread.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.common import compare, mean_std, pm, run_sweep, sweep_arguments, write_atomic  # noqa: E402
+from compress.tracking import format_table  # noqa: E402
+
+RECIPE = REPO / "recipes/smollm2_distill.yaml"
+W4 = "weights: {bits: 4, group_size: 64}"
+TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+ARMS = {
+    "rtn_int8": ("{init: teacher}", "[{kind: quantize, weights: {bits: 8, group_size: null}}]"),
+    "rtn_int4_g64": ("{init: teacher}", f"[{{kind: quantize, {W4}}}]"),
+    "qat_ce_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, kd_weight: 0.0, ce_weight: 1.0}}]", TRAIN),
+    "qat_kd_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}}}]", TRAIN),
+}
+METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
+           "ppl": ("student_ppl", "lower")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_qat_kd", "qat_kd")
+    args = ap.parse_args()
+    results, _, wall = run_sweep(ARMS, RECIPE, args)
+    stats = {}
+    for a, by_seed in results.items():
+        if by_seed:
+            rs = list(by_seed.values())
+            final = next(row for row in rs[0]["table"] if row["model"] == "student (final)")
+            stats[a] = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in METRICS.items()}
+            stats[a].update(seeds=sorted(by_seed), bytes=final.get("bytes_on_disk"), teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
+    verdict = _verdict(stats)
+    md = _markdown(args, stats, verdict, wall, results)
+    print("\n" + md)
+    res = REPO / "benchmarks/results"
+    res.mkdir(parents=True, exist_ok=True)
+    payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
+               "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
+               "summary": stats, "verdict": verdict}
+    write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=1, default=str)),
+                  res / f"{args.tag}.md": lambda p: p.write_text(md)})
+    print(f"wrote {res / args.tag}.{{json,md}}")
+    return 0
+
+
+def _verdict(stats: dict) -> dict:
+    v, kd, rtn = {}, stats.get("qat_kd_int4_g64"), stats.get("rtn_int4_g64")
+    if kd is None:
+        return v
+    for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
+        ms = kd[m]
+        if ms["std"] is None:
+            v[f"QAT-KD {m} goal {goal}"] = f"no claim (one seed): {pm(ms)}"
+            continue
+        lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
+        met = hi <= goal if better == "lower" else lo >= goal
+        missed = lo > goal if better == "lower" else hi < goal
+        v[f"QAT-KD {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
+    if rtn is not None:
+        for m, base in (("ppl_ratio", 1.0), ("kl", 0.0)):
+            rec = (rtn[m]["mean"] - kd[m]["mean"]) / (rtn[m]["mean"] - base)
+            v[f"QAT-KD recovers >= 90% of RTN's {m} gap"] = f"{'met' if rec >= 0.9 else 'not met'} ({rec:.0%} of the means)"
+    if "qat_ce_int4_g64" in stats:
+        for m in ("kl", "top1_agreement", "ppl_ratio"):
+            v[f"QAT-KD vs QAT-CE, {m}"] = f"{compare(kd[m], stats['qat_ce_int4_g64'][m], METRICS[m][1])} " \
+                                         f"({pm(kd[m])} vs {pm(stats['qat_ce_int4_g64'][m])})"
+    return v
+
+
+def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> str:
+    devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
+    lines = [f"Weight quantization of SmolLM2-135M-Instruct against its fp teacher, held-out Python docs; seeds {args.seeds}.",
+             f"Command: .venv/bin/python benchmarks/qat_kd.py --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
+             + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
+             "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).", ""]
+    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "bytes": st["bytes"]}
+            for a, st in stats.items()]
+    if stats:
+        rows.insert(0, {"arm": "teacher (fp32)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
+                        "bytes": next(iter(stats.values()))["teacher_bytes"]})
+    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes"]), "", "Verdicts:", ""]
+    lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
