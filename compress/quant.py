@@ -14,7 +14,11 @@ g = in):
                  zero  = clamp(qmin - round(min W_group / scale), qmin, qmax)
     q = clamp(round(W / scale) + zero, qmin, qmax),   W_hat = (q - zero) * scale
 with qmin, qmax = -2^(b-1), 2^(b-1) - 1 (int4: -8..7, int8: -128..127) and round half to even
-(torch.round). An all-zero group gets scale 1 (its values quantize to 0 exactly).
+(torch.round). An all-zero group gets scale 1 (its values quantize to 0 exactly). Each scale is
+then rounded UP to a value of ``scale_dtype`` (bf16 by default: what the export stores), so the
+fake-quant forward, the export and its decompression use the very same scale; and since an int4
+or int8 value times a bf16 scale rounds once to bf16, a bf16 export's weights equal the fp32
+fake-quant weights cast to bf16, bit for bit.
 
 Packing (``pack_int32``; compressed-tensors' ``pack-quantized`` layout): each value is offset to
 unsigned (q + 2^(b-1)), and value i of a row sits at bits [i*b, i*b + b) of the row's int32 words,
@@ -36,6 +40,7 @@ class IntSpec:
     bits: int = 4
     group_size: int | None = 64  # None: one scale per output channel
     symmetric: bool = True
+    scale_dtype: torch.dtype = torch.bfloat16  # scales are values of this dtype (what the export stores)
 
     @property
     def qmin(self) -> int:
@@ -74,7 +79,15 @@ def qparams(w: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor]
         scale = (hi - lo) / (spec.qmax - spec.qmin)
         zero = (spec.qmin - torch.round(lo / torch.where(scale > 0, scale, 1))).clamp(spec.qmin, spec.qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, zero
+    return representable(scale, spec.scale_dtype), zero
+
+
+def representable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest value of ``dtype`` at or above each element of ``x`` (as float32): a scale
+    rounded up never clips the group's largest weight, and the export stores it exactly."""
+    y = x.to(dtype)
+    y = torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y.float()
 
 
 def quantize(w: torch.Tensor, spec: IntSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None):
@@ -125,3 +138,46 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     both = w[:, word] | (w[:, word + 1] << 32)  # 64 bits starting at the value's word
     u = (both >> shift) & ((1 << bits) - 1)
     return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+# ---------------------------------------------------------------- GGUF blocks (llama.cpp)
+#
+# Blocks of 32 consecutive input columns, one fp16 scale d each, computed as ggml does (and the
+# `gguf` package, which matches ggml-quants.c bit for bit), in float32:
+#   Q8_0: d = max|x| / 127;                    q = roundf(x * (1/d))           (half away from zero)
+#   Q4_0: d = x[argmax|x|] / -8 (signed);      q = min(trunc(x * (1/d) + 8.5), 15) - 8
+# and the stored d is fp16: x_hat = q * fp16(d). An all-zero block has d = 0 and x_hat = 0.
+GGUF_BLOCK = 32
+
+
+def gguf_quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in) in [-8, 7] or [-127, 127], d float16 (out, in / 32)) of a weight (out, in)."""
+    if kind not in ("q8_0", "q4_0"):
+        raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
+    out, cols = w.shape
+    if cols % GGUF_BLOCK:
+        raise CompressError(f"GGUF {kind} packs blocks of {GGUF_BLOCK} input features; {cols} is not a multiple")
+    x = w.detach().float().reshape(out, cols // GGUF_BLOCK, GGUF_BLOCK)
+    if kind == "q8_0":
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        y = x * inv
+        a = y.abs()
+        q = torch.sign(y) * (a.floor() + (2 * (a - a.floor())).floor())
+    else:
+        idx = x.abs().argmax(-1, keepdim=True)
+        d = x.gather(-1, idx) / -8
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = (torch.trunc(x * inv + 8.5).clamp(0, 15)) - 8
+    return q.reshape(out, cols).to(torch.int8), d.squeeze(-1).to(torch.float16)
+
+
+def gguf_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out, cols = q.shape
+    x = q.float().reshape(out, cols // GGUF_BLOCK, GGUF_BLOCK) * d.float()[..., None]
+    return x.reshape(out, cols).to(dtype)
+
+
+def gguf_fake_quant(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """The GGUF block format's rounding in the forward pass, identity in the backward."""
+    return w + (gguf_dequantize(*gguf_quantize(w, kind), w.dtype) - w).detach()

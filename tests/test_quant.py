@@ -2,11 +2,13 @@
 straight-through gradient, pack/unpack round trips, and the packed layout equal to the
 compressed-tensors library's own (the real library, both directions)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.quant import IntSpec, dequantize, fake_quant, pack_int32, quantize, unpack_int32
+from compress.quant import IntSpec, dequantize, fake_quant, pack_int32, quantize, representable, unpack_int32
 
 SHAPES = [(8, 64), (5, 96), (3, 576)]  # (out, in); 5 x 96: odd rows, 3 groups of 32
 
@@ -25,6 +27,9 @@ def reference(w, spec):
                 scale = (hi - lo) / (spec.qmax - spec.qmin)
                 zero = min(max(spec.qmin - round(lo / scale), spec.qmin), spec.qmax) if scale > 0 else 0.0
             scale = scale if scale > 0 else 1.0
+            scale = float(representable(torch.tensor([scale]), spec.scale_dtype))  # rounded up to a bf16 value
+            if not spec.symmetric and scale != 1.0:
+                zero = min(max(spec.qmin - round(lo / scale), spec.qmin), spec.qmax)
             for j, v in enumerate(x):
                 q = min(max(round(v / scale) + zero, spec.qmin), spec.qmax)
                 out[r, c0 + j] = (q - zero) * scale
@@ -45,8 +50,11 @@ def test_quantize_dequantize_matches_the_reference(shape, spec):
     g = spec.group_size or shape[1]
     step = scale.repeat_interleave(g, dim=1)
     assert ((w - w_hat).abs() <= step / 2 + 1e-7).all()
-    # quantizing the dequantized weight again is exact (a fixed point)
-    torch.testing.assert_close(dequantize(*quantize(w_hat, spec), spec), w_hat, rtol=0, atol=1e-7)
+    # with unrounded (fp32) scales, quantizing the dequantized weight again is exact (a fixed point);
+    # bf16 scales are rounded up, so there the largest weight may land one step below qmax
+    f32 = dataclasses.replace(spec, scale_dtype=torch.float32)
+    again = dequantize(*quantize(w, f32), f32)
+    torch.testing.assert_close(dequantize(*quantize(again, f32), f32), again, rtol=0, atol=1e-7)
 
 
 def test_all_zero_group_is_exact():
@@ -94,3 +102,34 @@ def test_group_that_does_not_divide_the_row_is_refused_with_a_fix():
         IntSpec(4, 128).groups(576, "q_proj")
     with pytest.raises(CompressError, match="bits"):
         IntSpec(5, 32).groups(64)
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, 64, True), IntSpec(4, 32, False), IntSpec(8, None, True)], ids=repr)
+def test_bf16_export_weights_equal_the_fake_quant_weights_cast_to_bf16(spec):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1)) * 0.03
+    q, scale, zero = quantize(w, spec)
+    assert torch.equal(scale.to(torch.bfloat16).float(), scale)  # every scale is a bf16 value
+    fp32 = dequantize(q, scale, zero, spec)
+    in_bf16 = ((q.to(torch.bfloat16) - zero.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
+               * scale.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
+    assert torch.equal(in_bf16, fp32.to(torch.bfloat16))
+    assert (scale.repeat_interleave(w.shape[1] // scale.shape[1], 1) * spec.qmax >= w.abs()).all() or not spec.symmetric
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("shape", [(4, 64), (7, 96), (3, 576)], ids=str)
+def test_gguf_blocks_round_exactly_as_the_gguf_package(kind, shape):
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from compress.quant import gguf_dequantize, gguf_fake_quant, gguf_quantize
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.02
+    w[0, :32] = 0.0  # an all-zero block
+    w[1, 40] = -w[1, 32:64].abs().max() * 1.5  # a negative maximum (Q4_0's signed d)
+    w[2, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, 0.25, -0.75, 127.0]) / 127  # halves: roundf ties
+    qtype = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
+    theirs = quants.dequantize(quants.quantize(w.numpy(), qtype), qtype)
+    ours = gguf_dequantize(*gguf_quantize(w, kind))
+    assert np.array_equal(ours.numpy(), theirs.reshape(shape))
+    assert torch.equal(gguf_fake_quant(w, kind), ours)
