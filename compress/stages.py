@@ -73,7 +73,9 @@ def method_class(cfg) -> type["StageMethod"]:
 
 
 def method_for(cfg, ctx: "RunContext", index: int = 0, stage_dir: Path | None = None) -> "StageMethod":
-    return method_class(cfg)(cfg, ctx, index, stage_dir)
+    method = method_class(cfg)(cfg, ctx)  # a method's own __init__ takes (cfg, ctx)
+    method.index, method.stage_dir = index, stage_dir
+    return method
 
 
 @dataclass
@@ -117,9 +119,9 @@ class StageMethod:
     changes_model = True  # False for read-only stages (eval): nothing is saved for them
     results: dict | None = None  # what a read-only stage reports (eval: the eval.json dict)
 
-    def __init__(self, cfg, ctx: RunContext, index: int = 0, stage_dir: Path | None = None):
+    def __init__(self, cfg, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
-        self.index, self.stage_dir = index, stage_dir  # the stage's place in the recipe, its folder
+        self.index, self.stage_dir = 0, None  # the stage's place in the recipe and its folder (method_for)
         self.transform_info: dict = {}  # what a transform reports (saved as <stage_dir>/transform.json)
 
     @classmethod
