@@ -268,6 +268,8 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
         if use_bf16(recipe.train.precision, device):  # served in the precision it was trained to run in
             student = student.to(torch.bfloat16)
         export_model(student, tokenizer, out / "final", summary)
+        for i, stage in enumerate(recipe.stages):  # artifacts beside the HF folder (e.g. a GGUF file)
+            method_for(stage, ctx, i, out / "stages" / f"{i}-{stage.kind}").export(student, out / "final")
         rows.append({"model": "student (final)", "params": summary["student_params"],
                      "bytes_on_disk": bytes_on_disk(out / "final"), **final})
         if ctx.teacher is not None:

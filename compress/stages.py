@@ -148,6 +148,9 @@ class StageMethod:
         """On every rank, once the transform's result is in hand (also on resume): ``info`` is
         ``transform_info`` as saved, plus the transformed model's held-out ``metrics``."""
 
+    def export(self, model: nn.Module, final_dir: Path) -> None:
+        """After the HF export of the final model (rank 0): write extra artifacts there (a GGUF file)."""
+
     def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
         """A read-only stage's whole work (``changes_model = False``); others use the spine's."""
         raise NotImplementedError

@@ -79,3 +79,68 @@ def test_bad_quantization_input_fails_before_anything_is_written(tiny_teacher, t
     p = launch(recipe)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def gguf_teacher(tiny_teacher, tmp_path_factory):
+    """The tiny teacher as a GGUF file (Q8_0), written by our own writer: a GGUF export carries
+    the tokenizer metadata of the teacher's GGUF."""
+    from compress.gguf_export import write_gguf
+    from compress.models import resolve_source
+
+    src = resolve_source("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
+    return write_gguf(model, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "q8_0", f"{src.directory}/{src.gguf_file}")
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_gguf_file_loads_back_with_the_weights_of_the_block_rounding(tiny_teacher, tmp_path, kind):
+    """Our writer + transformers' GGUF loader: the q/k permutation, names and metadata round-trip."""
+    import copy
+
+    from compress.gguf_export import write_gguf
+    from compress.models import resolve_source
+    from compress.quant import gguf_dequantize, gguf_quantize
+
+    src = resolve_source("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    path = write_gguf(model, tmp_path / f"m-{kind}.gguf", kind, f"{src.directory}/{src.gguf_file}")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.copy_(gguf_dequantize(*gguf_quantize(m.weight, kind)))
+        ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(back(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_qat_for_gguf_exports_a_gguf_with_the_trained_weights(gguf_teacher, tmp_path):
+    from compress.models import load_tokenizer
+
+    recipe = write_recipe(tmp_path / "r.yaml", gguf_teacher, tmp_path / "out", teacher={"source": str(gguf_teacher)},
+                          student={"init": "teacher"},
+                          stages=[{"kind": "qat", "weights": {"format": "gguf_q4_0"}, "max_steps": 3}])
+    p = launch(recipe)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "final/model-q4_0.gguf").is_file()
+    ours = load_stage_model(out / "stages/0-qat/model")
+    assert ours.model.layers[0].mlp.up_proj.fmt == "gguf_q4_0"
+    back = AutoModelForCausalLM.from_pretrained(out / "final", gguf_file="model-q4_0.gguf", dtype=torch.float32)
+    ids = load_tokenizer(str(gguf_teacher))("def main():\n    return 0", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"format": "gguf_q4_0"}, "copies the tokenizer from the teacher's GGUF file"),
+    ({"format": "int", "export": "gguf"}, "a GGUF file holds GGUF blocks"),
+])
+def test_bad_gguf_requests_fail_in_one_line(tiny_teacher, tmp_path, weights, message):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
+                          stages=[{"kind": "quantize", "weights": weights}])
+    p = launch(recipe, "--dry-run")
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

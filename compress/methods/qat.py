@@ -30,23 +30,33 @@ from compress.config import Strict
 from compress.errors import CompressError
 from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
-from compress.quant import IntSpec, dequantize, fake_quant, pack_int32, quantize
+from compress.quant import (IntSpec, dequantize, fake_quant, gguf_dequantize, gguf_fake_quant, gguf_quantize,
+                            pack_int32, quantize)
 from compress.stages import StageConfig, StageMethod, register
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class WeightQuant(Strict):
+    # int: integer groups (bits, group_size, symmetric below); gguf_q8_0 / gguf_q4_0: llama.cpp's
+    # blocks of 32 with an fp16 scale, rounded exactly as ggml does (bits/group_size do not apply)
+    format: Literal["int", "gguf_q8_0", "gguf_q4_0"] = "int"
     bits: Literal[4, 8] = 4
     group_size: int | None = Field(64, ge=8)  # None: one scale per output channel
     symmetric: bool = True
     targets: list[str] = Field(default_factory=lambda: list(PROJECTIONS), min_length=1)  # module name suffixes
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    # compressed-tensors: packed integers + scales (transformers, vLLM); dequantized: plain float weights
-    export: Literal["compressed-tensors", "dequantized"] = "compressed-tensors"
+    # compressed-tensors: packed integers + scales (transformers, vLLM); dequantized: plain float
+    # weights; gguf: final/model-<type>.gguf for llama.cpp beside a dequantized HF folder
+    export: Literal["compressed-tensors", "dequantized", "gguf"] = "compressed-tensors"
 
     @model_validator(mode="after")
     def _exportable(self) -> "WeightQuant":
+        gguf = self.format != "int"
+        if gguf and "export" not in self.model_fields_set:
+            object.__setattr__(self, "export", "gguf")
+        if gguf != (self.export == "gguf"):
+            raise ValueError("a GGUF file holds GGUF blocks: use format gguf_q8_0 / gguf_q4_0 with export: gguf")
         if not self.symmetric and self.export == "compressed-tensors":
             raise ValueError("asymmetric weights cannot be exported as compressed-tensors here (transformers 5.24 "
                              "allocates an unpacked zero point that compressed-tensors 0.20 then unpacks): use "
@@ -54,7 +64,7 @@ class WeightQuant(Strict):
         return self
 
     def spec(self) -> IntSpec:
-        return IntSpec(self.bits, self.group_size, self.symmetric)
+        return IntSpec(self.bits, 32 if self.format != "int" else self.group_size, self.symmetric)
 
 
 @register_module
@@ -62,16 +72,16 @@ class QuantLinear(nn.Linear):
     """A linear whose forward uses its weight quantized and dequantized (STE in the backward)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
-                 symmetric: bool, packed_export: bool = True):
+                 symmetric: bool, packed_export: bool = True, fmt: str = "int"):
         super().__init__(in_features, out_features, bias=bias)
         self.qspec = IntSpec(bits, group_size, symmetric)
         self.qspec.groups(in_features)
-        self.packed_export = packed_export
+        self.packed_export, self.fmt = packed_export and fmt == "int", fmt
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, spec: IntSpec, packed_export: bool = True) -> "QuantLinear":
+    def from_linear(cls, lin: nn.Linear, spec: IntSpec, packed_export: bool = True, fmt: str = "int") -> "QuantLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, spec.bits, spec.group_size, spec.symmetric,
-                packed_export)
+                packed_export, fmt)
         m.to(lin.weight.device, lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
@@ -80,24 +90,29 @@ class QuantLinear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quant(self.weight, self.qspec), self.bias)
+        w = fake_quant(self.weight, self.qspec) if self.fmt == "int" else gguf_fake_quant(self.weight, self.fmt[5:])
+        return F.linear(x, w, self.bias)
 
     def spec(self) -> dict:
         s = self.qspec
         return {"in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
-                "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "packed_export": self.packed_export}
+                "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "packed_export": self.packed_export,
+                "fmt": self.fmt}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
         return cls(spec["in"], spec["out"], spec["bias"], spec["bits"], spec["group_size"], spec["symmetric"],
-                   spec["packed_export"])
+                   spec["packed_export"], spec.get("fmt", "int"))
 
     def materialize(self) -> nn.Linear:
         """A plain linear holding the dequantized weight (what the fake-quant forward computes)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.to(self.weight.device, self.weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(dequantize(*quantize(self.weight, self.qspec), self.qspec, self.weight.dtype))
+            if self.fmt == "int":
+                lin.weight.copy_(dequantize(*quantize(self.weight, self.qspec), self.qspec, self.weight.dtype))
+            else:
+                lin.weight.copy_(gguf_dequantize(*gguf_quantize(self.weight, self.fmt[5:]), self.weight.dtype))
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
@@ -140,7 +155,7 @@ def quantize_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, QuantLinea
         if any(name == i or name.endswith("." + i) for i in cfg.ignore):
             continue
         spec.groups(m.in_features, name)
-        swapped[name] = QuantLinear.from_linear(m, spec, cfg.export == "compressed-tensors")
+        swapped[name] = QuantLinear.from_linear(m, spec, cfg.export == "compressed-tensors", cfg.format)
         model.set_submodule(name, swapped[name])
     unmatched = [t for t in cfg.targets if not any(n.endswith(t) for n in swapped)]
     if unmatched:
@@ -175,16 +190,46 @@ class QatStage(DistillStage):
     weights: WeightQuant = Field(default_factory=WeightQuant)
 
 
+def gguf_source(cfg: WeightQuant, recipe) -> str | None:
+    """The GGUF file whose tokenizer metadata a GGUF export copies (the teacher's)."""
+    if cfg.export != "gguf":
+        return None
+    from compress.models import resolve_source
+
+    src = resolve_source(recipe.teacher.source)
+    if src.gguf_file is None:
+        raise CompressError("export: gguf copies the tokenizer from the teacher's GGUF file, but the teacher is "
+                            f"{recipe.teacher.source!r}; use a .gguf teacher or another export")
+    return str(src)
+
+
+def export_gguf(model: nn.Module, cfg: WeightQuant, recipe, final_dir) -> None:
+    import copy
+    from pathlib import Path
+
+    from compress.gguf_export import write_gguf
+    from compress.modelio import materialize
+
+    if cfg.export == "gguf":
+        kind = cfg.format[5:]
+        write_gguf(materialize(copy.deepcopy(model)).float(), Path(final_dir) / f"model-{kind}.gguf", kind,
+                   gguf_source(cfg, recipe))
+
+
 @register(QatStage)
 class Qat(Distill):
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
         super().check(cfg, recipe, configs)
         check_fit(cfg.weights, configs.get("student"))
+        gguf_source(cfg.weights, recipe)
 
     def transform(self, model: nn.Module) -> nn.Module:
         quantize_linears(model, self.cfg.weights)
         return model
+
+    def export(self, model: nn.Module, final_dir) -> None:
+        export_gguf(model, self.cfg.weights, self.ctx.recipe, final_dir)
 
 
 class QuantizeStage(StageConfig):
@@ -203,7 +248,11 @@ class Quantize(StageMethod):
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
         check_fit(cfg.weights, configs.get("student"))
+        gguf_source(cfg.weights, recipe)
 
     def transform(self, model: nn.Module) -> nn.Module:
         quantize_linears(model, self.cfg.weights)  # RTN: the fake-quant forward is the quantized model
         return model
+
+    def export(self, model: nn.Module, final_dir) -> None:
+        export_gguf(model, self.cfg.weights, self.ctx.recipe, final_dir)
