@@ -94,6 +94,20 @@ def pm(ms: dict | None, fmt: str = ".4g") -> str:
     return f"{ms['mean']:{fmt}}" + (f" ± {ms['std']:{fmt}}" if ms["std"] is not None else "")
 
 
+def write_results(tag: str, payload: dict, md: str, plot=None, indent: int = 1) -> None:
+    """Print the table, then write benchmarks/results/<tag>.json, .md (and .png through
+    ``plot(path)``) together: never a half-written or mixed set."""
+    print("\n" + md)
+    res = REPO / "benchmarks/results"
+    res.mkdir(parents=True, exist_ok=True)
+    writers = {res / f"{tag}.json": lambda p: p.write_text(json.dumps(payload, indent=indent, default=str)),
+               res / f"{tag}.md": lambda p: p.write_text(md)}
+    if plot is not None:
+        writers[res / f"{tag}.png"] = plot
+    write_atomic(writers)
+    print(f"wrote {res / tag}.{{{','.join(p.suffix[1:] for p in writers)}}}")
+
+
 def write_atomic(writers: dict) -> None:
     """Writes every file to a temporary name first, then renames them all: no half-written or mixed set."""
     tmps = {path: path.with_name(f".{path.name}.tmp") for path in writers}
@@ -159,9 +173,10 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
         for (a, s), r in pool.map(one, [(a, s) for s in seeds for a in arms]):
             if r is not None:
                 summary = json.loads((REPO / plans[a, s][0] / "summary.json").read_text())
+                final_row = next(row for row in summary["table"] if row["model"] == "student (final)")
                 results[a][s] = {**r, "transform": transforms(REPO / plans[a, s][0]), "table": summary["table"],
                                  "student_params": summary["student_params"], "device": summary.get("device"),
-                                 "precision": summary.get("precision")}
+                                 "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk")}
     wall = time.time() - t0
     return results, plans, wall
 

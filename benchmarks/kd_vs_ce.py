@@ -17,7 +17,6 @@ benchmarks/results/<tag>.{json,md,png} (each atomically) once every run has fini
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from compress.tracking import format_table  # noqa: E402
-from benchmarks.common import BENCH_ENV, compare, finished, mean_std, plan_run, pm, run_recipe, write_atomic  # noqa: E402
+from benchmarks.common import BENCH_ENV, compare, finished, mean_std, plan_run, pm, run_recipe, write_results  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
 VARIANTS = {
@@ -94,16 +93,10 @@ def main() -> int:
     times = [r["seconds"] for by_seed in results.values() for r in by_seed.values()]
     wall = sum(t for t in times if t is not None)  # reused runs count with their recorded time
     md = _markdown(args, results, stats, verdict, seeds, wall)
-    print("\n" + md)
-    res = REPO / "benchmarks/results"
-    res.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "seeds": seeds, "wall_seconds": wall, "elapsed_seconds": elapsed, "goal": GOAL,
                "per_seed": {v: {str(s): r for s, r in results[v].items()} for v in variants},
                "summary": stats, "verdict": verdict}
-    write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=2)),
-                   res / f"{args.tag}.md": lambda p: p.write_text(md),
-                   res / f"{args.tag}.png": lambda p: _plot(results, stats, seeds, p)})
-    print(f"wrote {res / args.tag}.{{json,md,png}}")
+    write_results(args.tag, payload, md, lambda p: _plot(results, stats, seeds, p), indent=2)
     return 0
 
 

@@ -26,13 +26,12 @@ collects what has finished (e.g. after a timeout) and writes benchmarks/results/
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import compare, latency_ratios, mean_std, pm, run_sweep, sweep_arguments, write_atomic  # noqa: E402
+from benchmarks.common import compare, latency_ratios, mean_std, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
@@ -66,16 +65,10 @@ def main() -> int:
     stats = _stats(results, latency)
     verdict = _verdict(stats)
     md = _markdown(args, results, stats, verdict, wall)
-    print("\n" + md)
-    res = REPO / "benchmarks/results"
-    res.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in arms},
                "per_seed": {a: {str(s): r for s, r in results[a].items()} for a in arms},
                "latency": latency, "summary": stats, "verdict": verdict}
-    write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=1, default=str)),
-                  res / f"{args.tag}.md": lambda p: p.write_text(md),
-                  res / f"{args.tag}.png": lambda p: _plot(results, stats, p)})
-    print(f"wrote {res / args.tag}.{{json,md,png}}")
+    write_results(args.tag, payload, md, lambda p: _plot(results, stats, p))
     return 0
 
 
@@ -87,8 +80,7 @@ def _stats(results: dict, latency: dict) -> dict:
         rs = list(by_seed.values())
         st = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in METRICS.items()}
         first = rs[0]
-        final_row = next(row for row in first["table"] if row["model"] == "student (final)")
-        st.update(seeds=sorted(by_seed), params=first["student_params"], bytes_on_disk=final_row.get("bytes_on_disk"),
+        st.update(seeds=sorted(by_seed), params=first["student_params"], bytes_on_disk=first["bytes_on_disk"],
                   latency_ratio=latency.get(a), seconds=mean_std([r["seconds"] for r in rs if r.get("seconds")] or [0]))
         pruned = [t["metrics"] for r in rs for t in r["transform"].values() if "metrics" in t]
         if pruned:

@@ -12,13 +12,12 @@ and recovers >= 90% of RTN's gap in perplexity and in KL; claims only beyond the
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import compare, mean_std, pm, run_sweep, sweep_arguments, write_atomic  # noqa: E402
+from benchmarks.common import compare, mean_std, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
@@ -43,20 +42,14 @@ def main() -> int:
     for a, by_seed in results.items():
         if by_seed:
             rs = list(by_seed.values())
-            final = next(row for row in rs[0]["table"] if row["model"] == "student (final)")
             stats[a] = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in METRICS.items()}
-            stats[a].update(seeds=sorted(by_seed), bytes=final.get("bytes_on_disk"), teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
+            stats[a].update(seeds=sorted(by_seed), bytes=rs[0]["bytes_on_disk"], teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
-    print("\n" + md)
-    res = REPO / "benchmarks/results"
-    res.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
                "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
                "summary": stats, "verdict": verdict}
-    write_atomic({res / f"{args.tag}.json": lambda p: p.write_text(json.dumps(payload, indent=1, default=str)),
-                  res / f"{args.tag}.md": lambda p: p.write_text(md)})
-    print(f"wrote {res / args.tag}.{{json,md}}")
+    write_results(args.tag, payload, md)
     return 0
 
 

@@ -13,9 +13,25 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d+)$")
+
+
+def publish_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``path``, then rename it into place: a reader sees
+    the old file or the whole new one, never a half-written one (a cache, a report, a shard)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
 
 
 def step_tag(step: int) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from compress.checkpoint import publish_file
 from compress.errors import CompressError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,10 +127,7 @@ def prepare_data(cfg, tokenizer, is_main: bool = True, barrier=lambda: None) -> 
     if is_main and not path.exists():
         blocks = {"train": _blocks(_tokenize(train_files, tokenizer), cfg.block_size),
                   "val": _blocks(_tokenize(val_files, tokenizer), cfg.block_size)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blocks, tmp)
-        os.replace(tmp, path)  # atomic: a half-written cache is never read
+        publish_file(path, lambda tmp: torch.save(blocks, tmp))  # a half-written cache is never read
     barrier()
     blocks = torch.load(path)
     if len(blocks["train"]) == 0 or len(blocks["val"]) == 0:

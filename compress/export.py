@@ -14,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from compress.checkpoint import publish_dir
@@ -29,19 +28,21 @@ def packed_state(model: nn.Module) -> tuple[dict, dict] | None:
     """(state dict, quantization_config) where custom modules store themselves packed
     (``export_tensors``, e.g. ``QuantLinear`` in compressed-tensors' layout); None if none do.
     Other custom modules are materialized into stock ones first."""
-    packers = {n: m for n, m in custom_modules(model).items()
-               if hasattr(m, "export_tensors") and m.export_tensors(torch.float32) is not None}
-    if not packers:
+    dtype = next(model.parameters()).dtype
+    custom = custom_modules(model)
+    packed = {n: m.export_tensors(dtype) for n, m in custom.items() if hasattr(m, "export_tensors")}
+    packed = {n: tensors for n, tensors in packed.items() if tensors is not None}  # None: export materialized
+    if not packed:
         return None
-    for name, m in custom_modules(model).items():
+    packers = {n: custom[n] for n in packed}
+    for name, m in custom.items():
         if name not in packers:
             model.set_submodule(name, m.materialize())
-    dtype = next(model.parameters()).dtype
     state = dict(model.state_dict())
-    for name, m in packers.items():
+    for name, tensors in packed.items():
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
-        state.update({f"{name}.{k}": v for k, v in m.export_tensors(dtype).items()})
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     kept_float = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # e.g. lm_head

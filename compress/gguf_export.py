@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.checkpoint import publish_file
 from compress.errors import CompressError
+from compress.models import head_dim
+from compress.quant import GGUF_BLOCK
 
 BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -66,44 +69,44 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_g
     qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}.get(kind)
     if qtype is None:
         raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(str(tmp), arch="llama")
-    for name, value, vtype, sub in _copied_fields(GGUFReader(str(tokenizer_gguf))):
-        writer.add_key_value(name, value, vtype, sub_type=sub)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if kind == "q8_0" else LlamaFileType.MOSTLY_Q4_0)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    if getattr(cfg, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # llama.cpp reads token_embd for a missing output
-    for name, t in state.items():
-        gname = gguf_name(name)
-        w = t.detach().to(torch.float32).cpu().numpy()
-        if gname.endswith("attn_q.weight"):
-            w = permute_rows(w, cfg.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
-            w = permute_rows(w, cfg.num_key_value_heads)
-        if gname.split(".")[-2] in QUANTIZED and gname.endswith(".weight"):
-            if w.shape[1] % 32:
-                raise CompressError(f"GGUF {kind} packs blocks of 32 inputs; {name} has {w.shape[1]}")
-            writer.add_tensor(gname, quants.quantize(w, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(gname, w)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    return path
+    hd = head_dim(cfg)
+
+    def write(tmp: Path) -> None:
+        writer = GGUFWriter(str(tmp), arch="llama")
+        for name, value, vtype, sub in _copied_fields(GGUFReader(str(tokenizer_gguf))):
+            writer.add_key_value(name, value, vtype, sub_type=sub)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_rope_dimension_count(hd)
+        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if kind == "q8_0" else LlamaFileType.MOSTLY_Q4_0)
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+        if getattr(cfg, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # llama.cpp reads token_embd for a missing output
+        for name, t in state.items():
+            gname = gguf_name(name)
+            w = t.detach().to(torch.float32).cpu().numpy()
+            if gname.endswith("attn_q.weight"):
+                w = permute_rows(w, cfg.num_attention_heads)
+            elif gname.endswith("attn_k.weight"):
+                w = permute_rows(w, cfg.num_key_value_heads)
+            if gname.split(".")[-2] in QUANTIZED and gname.endswith(".weight"):
+                if w.shape[1] % GGUF_BLOCK:
+                    raise CompressError(f"GGUF {kind} packs blocks of {GGUF_BLOCK} inputs; {name} has {w.shape[1]}")
+                writer.add_tensor(gname, quants.quantize(w, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(gname, w)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    return publish_file(path, write)

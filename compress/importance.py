@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.pruning import head_dim
+from compress.models import head_dim
 
 
 def _layers(model: nn.Module):

@@ -105,6 +105,11 @@ def shared_vocab(tok_a, tok_b) -> None:
     )
 
 
+def head_dim(cfg) -> int:
+    """Attention head width: the config's ``head_dim`` where set, else hidden / heads."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def kept_layers(n_teacher_layers: int, keep_every: int, keep_layers: list[int] | None) -> list[int]:
     """Teacher layer indices a drop_layers student keeps (always including the last layer)."""
     if keep_layers is not None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from compress.checkpoint import publish_file
 from compress.losses import teacher_topk
 
 
@@ -55,9 +55,8 @@ def precompute(teacher, data, blocks: list[int], root: Path, *, k: int, temperat
             ids, lp = teacher_topk(logits, k, temperature)
             ids_out.append(ids.int().cpu())
             lp_out.append(lp.half().cpu())
-        tmp = _shard_path(root, j).with_suffix(f".tmp{rank}")
-        torch.save({"index": index, "ids": torch.cat(ids_out), "logprobs": torch.cat(lp_out)}, tmp)
-        os.replace(tmp, _shard_path(root, j))
+        shard = {"index": index, "ids": torch.cat(ids_out), "logprobs": torch.cat(lp_out)}
+        publish_file(_shard_path(root, j), lambda tmp: torch.save(shard, tmp))
     barrier()
     return TopkCache(root)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from compress.checkpoint import publish_file
 from compress.errors import CompressError, GateFailure
 from compress.export import bytes_on_disk, export_model
 from compress.modelio import is_stage_model, load_stage_model, rebuild, save_stage_model
@@ -117,9 +118,7 @@ def _file_sha256(path: str) -> str | None:
 def run_stage(index: int, stage, student: torch.nn.Module, ctx: RunContext) -> tuple[torch.nn.Module, dict | None]:
     """One stage: its transform (once), its training (resumable), its saved result; or a read-only
     stage's ``run``. Returns the student and what a read-only stage reported."""
-    from compress.train import train_stage
-
-    from compress.train import evaluate
+    from compress.train import evaluate, train_stage
 
     stage_dir = ctx.output_dir / "stages" / f"{index}-{stage.kind}"
     method = method_for(stage, ctx, index, stage_dir)
@@ -164,10 +163,7 @@ def run_stage(index: int, stage, student: torch.nn.Module, ctx: RunContext) -> t
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    publish_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=str)))
 
 
 def stage_transforms(out: Path) -> dict[int, dict]:

@@ -34,13 +34,10 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models import head_dim
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-
-
-def head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def shape_of(cfg) -> dict[str, int]:

@@ -68,9 +68,8 @@ def _grouped(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
     return w.reshape(out, spec.groups(cols), -1)  # (out, groups, g)
 
 
-def qparams(w: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero), each (out, groups), float32 scales and integer-valued float zeros."""
-    wg = _grouped(w.detach().float(), spec)
+def _qparams(wg: torch.Tensor, spec: IntSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of grouped float weights, each (out, groups): float32 scales, integer-valued zeros."""
     if spec.symmetric:
         scale = wg.abs().amax(-1) / spec.qmax
         zero = torch.zeros_like(scale)
@@ -90,11 +89,10 @@ def representable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y.float()
 
 
-def quantize(w: torch.Tensor, spec: IntSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None):
+def quantize(w: torch.Tensor, spec: IntSpec):
     """(q int8 (out, in), scale (out, groups), zero (out, groups)) of a weight (out, in)."""
-    if scale is None:
-        scale, zero = qparams(w, spec)
     wg = _grouped(w.detach().float(), spec)
+    scale, zero = _qparams(wg, spec)
     q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], spec.qmin, spec.qmax)
     return q.reshape(w.shape).to(torch.int8), scale, zero
 

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from compress.checkpoint import publish_file
+
 
 class RunLogger:
     """Append-only metrics on rank 0. ``rewind(stage, step)`` drops lines a resumed run redoes."""
@@ -32,9 +34,7 @@ class RunLogger:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line and not (json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > step)]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        publish_file(self.path, lambda tmp: tmp.write_text("".join(k + "\n" for k in keep)))
 
     def log(self, record: dict) -> None:
         if not self.is_main:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from compress.checkpoint import publish_file
 from compress.export import bytes_on_disk
 from compress.metrics import pair_metrics
 from compress.models import param_count
@@ -146,10 +147,7 @@ def teacher_lm_eval(teacher, tokenizer, cfg, data: dict | None) -> tuple[dict, b
         return json.loads(path.read_text()), True
     scores = run_lm_eval(teacher, tokenizer, cfg.tasks, **kw)
     if scores:  # not on a lockstep rank that got no results back
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(scores))
-        os.replace(tmp, path)
+        publish_file(path, lambda tmp: tmp.write_text(json.dumps(scores)))
     return scores, False
 
 

@@ -15,13 +15,13 @@ never imports ``eval``. Importing this module is what makes ``kind: eval`` valid
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.checkpoint import publish_file
 from compress.config import Strict
 from compress.stages import StageConfig, StageMethod, register
 
@@ -107,10 +107,7 @@ class Evaluate(StageMethod):
             results = evaluate_pair(model, ctx.teacher.model, ctx.tokenizer, self.cfg, ctx.data.val,
                                     device=ctx.device, data=ctx.recipe.data.model_dump(mode="json"))
             if ctx.is_main:
-                stage_dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=2, default=str))
-                os.replace(tmp, path)
+                publish_file(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
                 ctx.logger.log({"stage": int(stage_dir.name.split("-")[0]), "step": 0,
                                 **{f"eval/{g['gate']}": g["value"] for g in results["gates"]}})
         ctx.barrier()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.checkpoint import publish_file
 from compress.config import Strict
 from compress.errors import CompressError
 from compress.modelio import custom_modules
@@ -137,10 +137,7 @@ class Prune(StageMethod):
         blocks = ctx.calibration(cfg.calibration_blocks)
         stats = activation_stats(model, blocks, ctx.recipe.train.micro_batch_size, layer_blocks=layer_blocks)
         print(f"prune: importance of {len(blocks)} calibration blocks in {time.perf_counter() - t0:.0f} s", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        torch.save(stats, tmp)
-        os.replace(tmp, path)
+        publish_file(path, lambda tmp: torch.save(stats, tmp))
         return stats
 
     def transform(self, model: nn.Module) -> nn.Module:

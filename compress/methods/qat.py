@@ -30,6 +30,7 @@ from compress.config import Strict
 from compress.errors import CompressError
 from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
+from compress.models import head_dim
 from compress.quant import (IntSpec, dequantize, fake_quant, gguf_dequantize, gguf_fake_quant, gguf_quantize,
                             pack_int32, quantize)
 from compress.stages import StageConfig, StageMethod, register
@@ -168,7 +169,7 @@ def check_fit(cfg: WeightQuant, model_cfg) -> None:
     """Group sizes against the model's input widths, before any weights load (Llama-like names)."""
     if model_cfg is None:
         return
-    hd = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    hd = head_dim(model_cfg)
     inputs = {"q_proj": model_cfg.hidden_size, "k_proj": model_cfg.hidden_size, "v_proj": model_cfg.hidden_size,
               "gate_proj": model_cfg.hidden_size, "up_proj": model_cfg.hidden_size,
               "o_proj": model_cfg.num_attention_heads * hd, "down_proj": model_cfg.intermediate_size}
@@ -203,33 +204,36 @@ def gguf_source(cfg: WeightQuant, recipe) -> str | None:
     return str(src)
 
 
-def export_gguf(model: nn.Module, cfg: WeightQuant, recipe, final_dir) -> None:
-    import copy
-    from pathlib import Path
+class QuantizesWeights:
+    """What ``qat`` and ``quantize`` share: the checks, the swap to ``QuantLinear``, the GGUF file."""
 
-    from compress.gguf_export import write_gguf
-    from compress.modelio import materialize
-
-    if cfg.export == "gguf":
-        kind = cfg.format[5:]
-        write_gguf(materialize(copy.deepcopy(model)).float(), Path(final_dir) / f"model-{kind}.gguf", kind,
-                   gguf_source(cfg, recipe))
-
-
-@register(QatStage)
-class Qat(Distill):
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
-        super().check(cfg, recipe, configs)
+        super().check(cfg, recipe, configs)  # the training method's own checks, where there is one
         check_fit(cfg.weights, configs.get("student"))
         gguf_source(cfg.weights, recipe)
 
     def transform(self, model: nn.Module) -> nn.Module:
-        quantize_linears(model, self.cfg.weights)
+        quantize_linears(model, self.cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
         return model
 
     def export(self, model: nn.Module, final_dir) -> None:
-        export_gguf(model, self.cfg.weights, self.ctx.recipe, final_dir)
+        import copy
+        from pathlib import Path
+
+        from compress.gguf_export import write_gguf
+        from compress.modelio import materialize
+
+        cfg = self.cfg.weights
+        if cfg.export == "gguf":
+            kind = cfg.format[5:]
+            write_gguf(materialize(copy.deepcopy(model)).float(), Path(final_dir) / f"model-{kind}.gguf", kind,
+                       gguf_source(cfg, self.ctx.recipe))
+
+
+@register(QatStage)
+class Qat(QuantizesWeights, Distill):
+    """KD (or CE) training of the fake-quantized student on the one loop."""
 
 
 class QuantizeStage(StageConfig):
@@ -242,17 +246,5 @@ class QuantizeStage(StageConfig):
 
 
 @register(QuantizeStage)
-class Quantize(StageMethod):
+class Quantize(QuantizesWeights, StageMethod):
     trains = False
-
-    @classmethod
-    def check(cls, cfg, recipe, configs: dict) -> None:
-        check_fit(cfg.weights, configs.get("student"))
-        gguf_source(cfg.weights, recipe)
-
-    def transform(self, model: nn.Module) -> nn.Module:
-        quantize_linears(model, self.cfg.weights)  # RTN: the fake-quant forward is the quantized model
-        return model
-
-    def export(self, model: nn.Module, final_dir) -> None:
-        export_gguf(model, self.cfg.weights, self.ctx.recipe, final_dir)
