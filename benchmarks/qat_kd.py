@@ -23,9 +23,30 @@ from compress.tracking import format_table  # noqa: E402
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
 W4 = "weights: {bits: 4, group_size: 64}"
 TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
+KV8 = "kv_cache: {format: fp8, per_head: true}"
+
+
+def ptq(weights: str, extra: str = "") -> tuple[str, str]:
+    return "{init: teacher}", f"[{{kind: quantize, weights: {{{weights}}}{', ' + extra if extra else ''}}}]"
+
+
 ARMS = {
-    "rtn_int8": ("{init: teacher}", "[{kind: quantize, weights: {bits: 8, group_size: null}}]"),
-    "rtn_int4_g64": ("{init: teacher}", f"[{{kind: quantize, {W4}}}]"),
+    "rtn_int8": ptq("bits: 8, group_size: null"),
+    "rtn_int4_g64": ptq("bits: 4, group_size: 64"),
+    # post-training formats and GPTQ (no training: one seed says it all)
+    "rtn_int4_g32": ptq("bits: 4, group_size: 32"),
+    "gptq_int4_g32": ptq("bits: 4, group_size: 32", GPTQ),
+    "gptq_int4_g64": ptq("bits: 4, group_size: 64", GPTQ),
+    "rtn_fp8": ptq("format: fp8"),
+    "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
+    "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
+    "rtn_w8a8_fp8_kv_fp8": ptq("format: fp8, activations: fp8", KV8),
+    "rtn_int8_kv_fp8": ptq("bits: 8, group_size: null", KV8),
+    "rtn_nvfp4": ptq("format: nvfp4"),
+    "gptq_nvfp4": ptq("format: nvfp4", GPTQ),
+    "rtn_mxfp4": ptq("format: mxfp4"),
+    "gptq_mxfp4": ptq("format: mxfp4", GPTQ),
     "qat_ce_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, kd_weight: 0.0, ce_weight: 1.0}}]", TRAIN),
     "qat_kd_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}}}]", TRAIN),
 }
@@ -83,12 +104,13 @@ def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> s
              f"Command: .venv/bin/python benchmarks/qat_kd.py --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
              + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
              "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).", ""]
-    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "bytes": st["bytes"]}
-            for a, st in stats.items()]
+    kv_values = 2 * 30 * 3 * 64  # K and V, per token: layers x KV heads x head_dim of SmolLM2-135M
+    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "bytes": st["bytes"],
+             "kv_bytes/token": kv_values * (1 if "kv_cache" in ARMS[a][1] else 2)} for a, st in stats.items()]
     if stats:
         rows.insert(0, {"arm": "teacher (fp32)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
-                        "bytes": next(iter(stats.values()))["teacher_bytes"]})
-    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes"]), "", "Verdicts:", ""]
+                        "bytes": next(iter(stats.values()))["teacher_bytes"], "kv_bytes/token": kv_values * 2})
+    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes", "kv_bytes/token"]), "", "Verdicts:", ""]
     lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from compress.checkpoint import publish_dir
+from compress.errors import CompressError
 from compress.modelio import custom_modules, materialize
 
 
@@ -42,11 +43,16 @@ def packed_state(model: nn.Module) -> tuple[dict, dict] | None:
     for name, tensors in packed.items():
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
-        state.update({f"{name}.{k}": v for k, v in tensors.items()})
+        at = name.rpartition(".")[0] if getattr(packers[name], "export_at_parent", False) else name
+        state.update({f"{at}.{k}": v for k, v in tensors.items()})
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     kept_float = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # e.g. lm_head
-    qconfig = type(next(iter(packers.values()))).export_config(packers, kept_float)
+    writers = {type(m).export_config for m in packers.values() if hasattr(m, "export_config")}
+    if len(writers) != 1:
+        raise CompressError("a packed export needs one quantized-weights stage to write its quantization_config "
+                            "(KV-cache scales alone are not exported packed)")
+    qconfig = writers.pop()(packers, kept_float)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}, qconfig
 
 

@@ -15,6 +15,8 @@ width), and loads the state dict strictly. A method's custom module registers it
         @classmethod
         def from_spec(cls, spec) -> "MaskedLinear": ...
         def materialize(self) -> nn.Module: ...          # a stock module for a plain HF export
+        @classmethod
+        def attached(cls, model): ...                    # optional: re-install hooks after loading
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def _skeleton(config, specs: dict[str, dict], state: dict[str, torch.Tensor]) ->
             raise CompressError(f"module type {entry['type']!r} (at {name}) is not registered; import the method that "
                                 "defines it (add its module to the recipe's `plugins:`)")
         model.set_submodule(name, CUSTOM_MODULES[entry["type"]].from_spec(entry["spec"]))
+    for cls in {type(m) for m in custom_modules(model).values()}:
+        if hasattr(cls, "attached"):  # e.g. hooks a module installs on its parent
+            cls.attached(model)
     for name, m in list(model.named_modules()):
         w = state.get(f"{name}.weight")
         if type(m) is nn.Linear and w is not None and tuple(w.shape) != tuple(m.weight.shape):

@@ -93,8 +93,12 @@ def quantize(w: torch.Tensor, spec: IntSpec):
     """(q int8 (out, in), scale (out, groups), zero (out, groups)) of a weight (out, in)."""
     wg = _grouped(w.detach().float(), spec)
     scale, zero = _qparams(wg, spec)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], spec.qmin, spec.qmax)
-    return q.reshape(w.shape).to(torch.int8), scale, zero
+    return int_round(wg, scale[..., None], zero[..., None], spec).reshape(w.shape).to(torch.int8), scale, zero
+
+
+def int_round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    """q = clamp(round(x / scale) + zero, qmin, qmax), as float (scale, zero broadcast to x)."""
+    return torch.clamp(torch.round(x / scale) + zero, spec.qmin, spec.qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: IntSpec,
@@ -103,11 +107,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: I
     return ((qg - zero[..., None]) * scale[..., None]).reshape(q.shape).to(dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``x_hat`` exactly in the forward, identity gradient to ``x`` in the backward. (The usual
+    ``x + (x_hat - x).detach()`` is not ``x_hat`` in bf16: the add rounds.)"""
+    return _StraightThrough.apply(x, x_hat.to(x.dtype).detach())
+
+
 def fake_quant(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
     """Quantize-dequantize in the forward pass, identity in the backward (straight-through)."""
     q, scale, zero = quantize(w, spec)
-    w_hat = dequantize(q, scale, zero, spec, w.dtype)
-    return w + (w_hat - w).detach()
+    return ste(w, dequantize(q, scale, zero, spec, w.dtype))
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -150,24 +169,30 @@ GGUF_BLOCK = 32
 
 def gguf_quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (out, in) in [-8, 7] or [-127, 127], d float16 (out, in / 32)) of a weight (out, in)."""
-    if kind not in ("q8_0", "q4_0"):
-        raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
     out, cols = w.shape
     if cols % GGUF_BLOCK:
         raise CompressError(f"GGUF {kind} packs blocks of {GGUF_BLOCK} input features; {cols} is not a multiple")
     x = w.detach().float().reshape(out, cols // GGUF_BLOCK, GGUF_BLOCK)
+    d = gguf_scale(x, kind)
+    return gguf_round(x, d, kind).reshape(out, cols).to(torch.int8), d.squeeze(-1).to(torch.float16)
+
+
+def gguf_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """float32 d (..., 1) of blocks x (..., 32), before its fp16 rounding."""
+    if kind not in ("q8_0", "q4_0"):
+        raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
     if kind == "q8_0":
-        d = x.abs().amax(-1, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        y = x * inv
-        a = y.abs()
-        q = torch.sign(y) * (a.floor() + (2 * (a - a.floor())).floor())
-    else:
-        idx = x.abs().argmax(-1, keepdim=True)
-        d = x.gather(-1, idx) / -8
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = (torch.trunc(x * inv + 8.5).clamp(0, 15)) - 8
-    return q.reshape(out, cols).to(torch.int8), d.squeeze(-1).to(torch.float16)
+        return x.abs().amax(-1, keepdim=True) / 127
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)) / -8
+
+
+def gguf_round(x: torch.Tensor, d: torch.Tensor, kind: str) -> torch.Tensor:
+    """ggml's integer values (as float) of x with the float32 block scale d (broadcast to x)."""
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    if kind == "q8_0":
+        a = (x * inv).abs()
+        return torch.sign(x * inv) * (a.floor() + (2 * (a - a.floor())).floor())
+    return torch.trunc(x * inv + 8.5).clamp(0, 15) - 8
 
 
 def gguf_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -178,4 +203,4 @@ def gguf_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch
 
 def gguf_fake_quant(w: torch.Tensor, kind: str) -> torch.Tensor:
     """The GGUF block format's rounding in the forward pass, identity in the backward."""
-    return w + (gguf_dequantize(*gguf_quantize(w, kind), w.dtype) - w).detach()
+    return ste(w, gguf_dequantize(*gguf_quantize(w, kind), w.dtype))

@@ -46,7 +46,8 @@ def launch(recipe, *extra):
 @pytest.mark.parametrize("stage", [
     {"kind": "qat", "weights": {"bits": 4, "group_size": 32}, "max_steps": 4},
     {"kind": "quantize", "weights": {"bits": 8, "group_size": None}},
-], ids=["qat-int4-g32", "ptq-int8-channel"])
+    {"kind": "quantize", "method": "gptq", "gptq": {"calibration_blocks": 8}, "weights": {"bits": 4, "group_size": 32}},
+], ids=["qat-int4-g32", "ptq-int8-channel", "gptq-int4-g32"])
 def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teacher, tmp_path, stage):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
                           stages=[stage])
@@ -72,6 +73,9 @@ def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teac
     ({"bits": 4, "targets": ["qkv_proj"]}, "match no linear"),
     ({"bits": 4, "symmetric": False}, "asymmetric weights cannot be exported as compressed-tensors"),
     ({"bits": 3}, "bits"),
+    ({"format": "int", "per_tensor": True}, "per_tensor applies to format: fp8"),
+    ({"format": "fp8", "activations": "fp8", "export": "dequantized"}, "use export: compressed-tensors"),
+    ({"format": "nvfp4", "symmetric": False}, "nvfp4 is symmetric"),
 ])
 def test_bad_quantization_input_fails_before_anything_is_written(tiny_teacher, tmp_path, weights, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
@@ -128,7 +132,7 @@ def test_qat_for_gguf_exports_a_gguf_with_the_trained_weights(gguf_teacher, tmp_
     out = tmp_path / "out"
     assert (out / "final/model-q4_0.gguf").is_file()
     ours = load_stage_model(out / "stages/0-qat/model")
-    assert ours.model.layers[0].mlp.up_proj.fmt == "gguf_q4_0"
+    assert ours.model.layers[0].mlp.up_proj.opts["fmt"] == "gguf_q4_0"
     back = AutoModelForCausalLM.from_pretrained(out / "final", gguf_file="model-q4_0.gguf", dtype=torch.float32)
     ids = load_tokenizer(str(gguf_teacher))("def main():\n    return 0", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -144,3 +148,130 @@ def test_bad_gguf_requests_fail_in_one_line(tiny_teacher, tmp_path, weights, mes
                           stages=[{"kind": "quantize", "weights": weights}])
     p = launch(recipe, "--dry-run")
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def export_and_reload(model, tmp_path, dtype=torch.float32):
+    from compress.export import export_model
+
+    class NoTokenizer:
+        def save_pretrained(self, folder):
+            pass
+
+    out = export_model(model, NoTokenizer(), tmp_path / "export", {})
+    return out, AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("weights", [
+    {"format": "fp8"}, {"format": "fp8", "per_tensor": True}, {"format": "nvfp4"}, {"format": "mxfp4"},
+    {"bits": 8, "group_size": None, "activations": "int8"}, {"format": "fp8", "activations": "fp8"},
+], ids=["fp8-channel", "fp8-tensor", "nvfp4", "mxfp4", "w8a8-int8", "w8a8-fp8"])
+def test_float_and_w8a8_exports_reload_with_the_fake_quant_logits(tmp_path, weights):
+    """transformers + compressed-tensors load our export and compute what our fake-quant model does
+    (activation quantization included: the library applies it from the config)."""
+    model = tiny()
+    quantize_linears(model, WeightQuant(**weights))
+    fp4 = weights.get("format") in ("nvfp4", "mxfp4")
+    dtype = torch.bfloat16 if fp4 else torch.float32  # the library decompresses fp4 to bf16 (our values are exact there)
+    if fp4:
+        model.model.layers.to(dtype), model.model.embed_tokens.to(dtype), model.model.norm.to(dtype)
+    out, back = export_and_reload(model, tmp_path, dtype)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qconfig["config_groups"]["group_0"]["input_activations"] is not None) == ("activations" in weights)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        ours = model.model.layers[1].mlp.down_proj.quantized_weight()
+        assert torch.equal(back.model.layers[1].mlp.down_proj.weight.float(), ours.float())
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    from compress.formats import weight_format
+    from compress.gptq import gptq
+
+    torch.manual_seed(0)
+    mix = torch.randn(128, 128) / 128 ** 0.5 + torch.eye(128)
+    x = torch.randn(4096, 128) @ mix * torch.linspace(0.2, 3, 128)  # correlated, uneven columns
+    w = torch.randn(64, 128) * 0.05
+    H = 2 * x.t() @ x / len(x)
+    for name, fmt in [("int4 g32", weight_format("int", 4, 32)), ("nvfp4", weight_format("nvfp4")),
+                      ("int4 channel", weight_format("int", 4, None)), ("gguf q4_0", weight_format("gguf_q4_0"))]:
+        rtn = (x @ (fmt.qdq(w) - w).t()).pow(2).mean()
+        for act_order in (False, True):
+            qp, q, _ = gptq(w, H, fmt, act_order=act_order)
+            assert torch.equal(fmt.qdq(q, qp), q), name  # the result lies on the format's grid with the params returned
+            err = (x @ (q - w).t()).pow(2).mean()
+            assert err < 0.8 * rtn, (name, act_order, float(err), float(rtn))
+
+
+def test_gptq_model_freezes_params_that_survive_the_stage_and_the_export(tmp_path):
+    from compress.gptq import gptq_model
+
+    model, ref = tiny(), tiny()
+    swapped = quantize_linears(model, WeightQuant(bits=4, group_size=32))
+    blocks = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        rtn = (model(input_ids=ids).logits - want).pow(2).mean()
+        gptq_model(model, blocks, swapped, batch_size=8, log=lambda *_: None)
+        after = (model(input_ids=ids).logits - want).pow(2).mean()
+    assert after < rtn
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.opts["frozen"] and torch.equal(q.quantized_weight(), q.weight)
+    save_stage_model(model, tmp_path / "m")
+    back = load_stage_model(tmp_path / "m")
+    _, exported = export_and_reload(model, tmp_path)
+    with torch.no_grad():
+        for other in (back, exported):
+            torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_kv_cache_quantization_rounds_k_and_v_survives_the_stage_and_is_exported(tmp_path):
+    from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
+
+    model = tiny()
+    quantize_linears(model, WeightQuant(bits=8, group_size=None))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        quants = attach_kv_quant(model, KVSpec("int8", per_head=True))
+        calibrate_kv(model, quants, torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(1)))
+        after = model(input_ids=ids).logits
+    q = model.model.layers[0].self_attn.kv_quant
+    assert q.k_scale.shape == (2, 1, 1) and (q.k_scale > 0).all() and not torch.equal(q.k_scale, q.v_scale)
+    assert 0 < (after - before).abs().max() < 0.1  # the K/V rounding changed the logits, a little
+    save_stage_model(model, tmp_path / "m")
+    back = load_stage_model(tmp_path / "m")  # the hook is re-installed on load
+    assert isinstance(back.model.layers[1].self_attn.kv_quant, KVQuant)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, after, rtol=0, atol=0)
+    out, _ = export_and_reload(model, tmp_path)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["kv_cache_scheme"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+                                          "strategy": "attn_head"}
+    from safetensors.torch import load_file
+
+    state = load_file(out / "model.safetensors")
+    assert torch.equal(state["model.layers.0.self_attn.k_scale"], q.k_scale)
+    assert not any("kv_quant" in k for k in state)
+
+
+@pytest.mark.slow
+def test_qat_with_a_quantized_kv_cache_trains_through_the_rounding_and_exports_the_scales(tiny_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
+                          stages=[{"kind": "qat", "weights": {"format": "fp8"}, "max_steps": 3,
+                                   "kv_cache": {"format": "fp8", "per_head": True, "calibration_blocks": 4}}])
+    p = launch(recipe)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    info = json.loads((out / "stages/0-qat/transform.json").read_text())
+    assert info["kv_cache"] == "fp8" and info["kv_bytes_per_token"] * 2 == info["kv_bytes_per_token_bf16"]
+    ours = load_stage_model(out / "stages/0-qat/model")
+    scale = ours.model.layers[0].self_attn.kv_quant.k_scale
+    assert scale.shape[0] == ours.config.num_key_value_heads and (scale > 0).all()
+    qconfig = json.loads((out / "final/config.json").read_text())["quantization_config"]
+    assert qconfig["kv_cache_scheme"]["strategy"] == "attn_head" and qconfig["format"] == "float-quantized"
+    state = load_file(out / "final/model.safetensors")
+    assert torch.equal(state["model.layers.0.self_attn.k_scale"].float(), scale.float())

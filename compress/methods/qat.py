@@ -1,24 +1,28 @@
-"""Weight quantization: QAT with KD (``qat``) and round-to-nearest PTQ (``quantize``), exported in
-the compressed-tensors format (``pack-quantized``) that transformers and vLLM load.
+"""Quantization: QAT with KD (``qat``) and PTQ (``quantize``: round to nearest, or GPTQ), in the
+integer, float (FP8, NVFP4, MXFP4) and GGUF formats, with optional per-token activation (W8A8)
+and KV-cache quantization, exported as compressed-tensors (transformers, vLLM) or GGUF (llama.cpp).
 
     stages:
       - kind: qat                      # a distill stage whose student runs fake-quantized linears
-        weights: {bits: 4, group_size: 64, symmetric: true}
+        weights: {bits: 4, group_size: 64}             # or {format: nvfp4}, {format: fp8, activations: fp8}
+        kv_cache: {format: fp8, per_head: true}        # optional: K/V rounded as the cache stores them
         loss: forward_kl               # KD from the unquantized teacher (any distill option);
                                        # kd_weight: 0 + ce_weight: 1 is plain CE QAT
       - kind: quantize                 # or: PTQ, one shot, no training
-        weights: {bits: 8, group_size: null}
+        weights: {bits: 4, group_size: 32}
+        method: gptq                   # rtn (default) | gptq (compress.gptq, on calibration text)
 
 The transform swaps every targeted ``nn.Linear`` (``targets`` name suffixes, minus ``ignore``) for
-a ``QuantLinear``: float master weights, forward through ``compress.quant.fake_quant`` (the
-straight-through estimator), scales from the weights at every step. The export packs each into
-``weight_packed`` (int32) + ``weight_scale`` (+ ``weight_zero_point``) + ``weight_shape`` and
-writes the matching ``quantization_config``; its dequantized weights equal the fake-quant
-forward's (a test decompresses the export with the compressed-tensors library itself).
+a ``QuantLinear``: float master weights, forward through the format's quantize-dequantize
+(``compress.formats``) with a straight-through gradient; its params (scales, zero points) are
+recomputed from the weight at every step, or held fixed after GPTQ. The export packs each into
+the format's compressed-tensors tensors and writes the matching ``quantization_config``; the
+library's own decompression gives back the fake-quant weights bit for bit (tested per format).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import torch
@@ -31,58 +35,90 @@ from compress.errors import CompressError
 from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
 from compress.models import head_dim
-from compress.quant import (IntSpec, dequantize, fake_quant, gguf_dequantize, gguf_fake_quant, gguf_quantize,
-                            pack_int32, quantize)
+from compress.formats import WeightFormat, weight_format
+from compress.gptq import gptq_model
+from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
+from compress.quant import ste
+from compress.quant_float import act_qdq
 from compress.stages import StageConfig, StageMethod, register
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class WeightQuant(Strict):
-    # int: integer groups (bits, group_size, symmetric below); gguf_q8_0 / gguf_q4_0: llama.cpp's
-    # blocks of 32 with an fp16 scale, rounded exactly as ggml does (bits/group_size do not apply)
-    format: Literal["int", "gguf_q8_0", "gguf_q4_0"] = "int"
+    # int: integer groups (bits, group_size, symmetric); fp8: e4m3 with a scale per output channel
+    # (or per_tensor); nvfp4 / mxfp4: e2m1 in blocks of 16 / 32 (bits and group_size do not apply);
+    # gguf_q8_0 / gguf_q4_0: llama.cpp's blocks of 32 with an fp16 scale, rounded exactly as ggml does
+    format: Literal["int", "fp8", "nvfp4", "mxfp4", "gguf_q8_0", "gguf_q4_0"] = "int"
     bits: Literal[4, 8] = 4
     group_size: int | None = Field(64, ge=8)  # None: one scale per output channel
     symmetric: bool = True
+    per_tensor: bool = False  # fp8 only: one scale for the whole weight
+    # dynamic per-token quantization of each targeted linear's input (W8A8 with bits 8 / fp8)
+    activations: Literal["int8", "fp8"] | None = None
     targets: list[str] = Field(default_factory=lambda: list(PROJECTIONS), min_length=1)  # module name suffixes
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    # compressed-tensors: packed integers + scales (transformers, vLLM); dequantized: plain float
+    # compressed-tensors: packed values + scales (transformers, vLLM); dequantized: plain float
     # weights; gguf: final/model-<type>.gguf for llama.cpp beside a dequantized HF folder
     export: Literal["compressed-tensors", "dequantized", "gguf"] = "compressed-tensors"
 
     @model_validator(mode="after")
     def _exportable(self) -> "WeightQuant":
-        gguf = self.format != "int"
+        gguf = self.format.startswith("gguf")
         if gguf and "export" not in self.model_fields_set:
             object.__setattr__(self, "export", "gguf")
         if gguf != (self.export == "gguf"):
             raise ValueError("a GGUF file holds GGUF blocks: use format gguf_q8_0 / gguf_q4_0 with export: gguf")
+        if not self.symmetric and self.format != "int":
+            raise ValueError(f"{self.format} is symmetric; asymmetric (symmetric: false) applies to format: int")
         if not self.symmetric and self.export == "compressed-tensors":
             raise ValueError("asymmetric weights cannot be exported as compressed-tensors here (transformers 5.24 "
                              "allocates an unpacked zero point that compressed-tensors 0.20 then unpacks): use "
                              "symmetric: true, or export: dequantized")
+        if self.per_tensor and self.format != "fp8":
+            raise ValueError("per_tensor applies to format: fp8; int formats use group_size (null: per channel)")
+        if self.activations and self.export != "compressed-tensors":
+            raise ValueError(f"activations: {self.activations} is applied by the serving stack from the "
+                             "compressed-tensors config; use export: compressed-tensors (or drop activations)")
         return self
 
-    def spec(self) -> IntSpec:
-        return IntSpec(self.bits, 32 if self.format != "int" else self.group_size, self.symmetric)
+    def wformat(self) -> WeightFormat:
+        return weight_format(self.format, self.bits, self.group_size, self.symmetric, not self.per_tensor)
+
+
+class KVCacheQuant(Strict):
+    """Static K/V cache quantization, scales calibrated on the run's training text."""
+
+    format: Literal["fp8", "int8"] = "fp8"
+    per_head: bool = False  # one scale per KV head (else one per tensor)
+    calibration_blocks: int = Field(16, ge=1)
+
+    def spec(self) -> KVSpec:
+        return KVSpec(self.format, self.per_head)
 
 
 @register_module
 class QuantLinear(nn.Linear):
-    """A linear whose forward uses its weight quantized and dequantized (STE in the backward)."""
+    """A linear whose forward uses its weight quantized and dequantized (STE in the backward),
+    and, with ``activations``, its input quantized per token."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
-                 symmetric: bool, packed_export: bool = True, fmt: str = "int"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str = "int", bits: int = 4,
+                 group_size: int | None = 64, symmetric: bool = True, per_tensor: bool = False,
+                 activations: str | None = None, packed_export: bool = True, frozen: dict | None = None):
         super().__init__(in_features, out_features, bias=bias)
-        self.qspec = IntSpec(bits, group_size, symmetric)
-        self.qspec.groups(in_features)
-        self.packed_export, self.fmt = packed_export and fmt == "int", fmt
+        self.opts = {"fmt": fmt, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+                     "per_tensor": per_tensor, "activations": activations, "packed_export": packed_export,
+                     "frozen": frozen}
+        for key, shape in (frozen or {}).items():  # fixed quantization params (GPTQ's), as buffers qp_<key>
+            self.register_buffer(f"qp_{key}", torch.zeros(shape))
+        self.wformat = weight_format(fmt, bits, group_size, symmetric, not per_tensor)
+        self.wformat.check(in_features)
+        self.activations, self.packed_export = activations, packed_export and self.wformat.ct_format is not None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, spec: IntSpec, packed_export: bool = True, fmt: str = "int") -> "QuantLinear":
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, spec.bits, spec.group_size, spec.symmetric,
-                packed_export, fmt)
+    def from_linear(cls, lin: nn.Linear, cfg: WeightQuant) -> "QuantLinear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, cfg.format, cfg.bits, cfg.group_size,
+                cfg.symmetric, cfg.per_tensor, cfg.activations, cfg.export == "compressed-tensors")
         m.to(lin.weight.device, lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
@@ -90,73 +126,86 @@ class QuantLinear(nn.Linear):
                 m.bias.copy_(lin.bias)
         return m
 
+    def freeze(self, qp: dict[str, torch.Tensor]) -> None:
+        """Hold these quantization params fixed (else they are recomputed from the weight each step)."""
+        self.opts["frozen"] = {k: list(v.shape) for k, v in qp.items()}
+        for k, v in qp.items():
+            self.register_buffer(f"qp_{k}", v.detach().float().to(self.weight.device))
+
+    def qparams(self) -> dict[str, torch.Tensor]:
+        frozen = self.opts["frozen"]
+        if frozen:
+            return {k: getattr(self, f"qp_{k}").float() for k in frozen}
+        return self.wformat.quant_params(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.wformat.qdq(self.weight, self.qparams()).to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quant(self.weight, self.qspec) if self.fmt == "int" else gguf_fake_quant(self.weight, self.fmt[5:])
-        return F.linear(x, w, self.bias)
+        if self.activations:
+            x = act_qdq(x, self.activations)
+        return F.linear(x, ste(self.weight, self.quantized_weight()), self.bias)
 
     def spec(self) -> dict:
-        s = self.qspec
-        return {"in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
-                "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "packed_export": self.packed_export,
-                "fmt": self.fmt}
+        return {"in": self.in_features, "out": self.out_features, "bias": self.bias is not None, **self.opts}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
-        return cls(spec["in"], spec["out"], spec["bias"], spec["bits"], spec["group_size"], spec["symmetric"],
-                   spec["packed_export"], spec.get("fmt", "int"))
+        spec = dict(spec)
+        return cls(spec.pop("in"), spec.pop("out"), spec.pop("bias"), **spec)
 
     def materialize(self) -> nn.Linear:
         """A plain linear holding the dequantized weight (what the fake-quant forward computes)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.to(self.weight.device, self.weight.dtype)
         with torch.no_grad():
-            if self.fmt == "int":
-                lin.weight.copy_(dequantize(*quantize(self.weight, self.qspec), self.qspec, self.weight.dtype))
-            else:
-                lin.weight.copy_(gguf_dequantize(*gguf_quantize(self.weight, self.fmt[5:]), self.weight.dtype))
+            lin.weight.copy_(self.quantized_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
     # --- the compressed-tensors export (compress.export) ---
     def export_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        """compressed-tensors' pack-quantized tensors of this module; None: export materialized."""
+        """compressed-tensors' tensors of this module; None: export materialized."""
         if not self.packed_export:
             return None
-        q, scale, zero = quantize(self.weight, self.qspec)
-        out = {"weight_packed": pack_int32(q, self.qspec.bits), "weight_scale": scale.to(dtype),
-               "weight_shape": torch.tensor([self.out_features, self.in_features])}
-        if not self.qspec.symmetric:  # unpacked: the shape transformers' loader allocates for it
-            out["weight_zero_point"] = zero.to(torch.int8)
+        out = self.wformat.pack(self.weight, dtype, self.qparams())
         if self.bias is not None:
             out["bias"] = self.bias.detach().to(dtype)
         return out
 
     @staticmethod
-    def export_config(modules: dict[str, "QuantLinear"], ignore: list[str]) -> dict:
-        specs = {(m.qspec.bits, m.qspec.group_size, m.qspec.symmetric) for m in modules.values()}
-        if len(specs) != 1:
-            raise CompressError(f"the model mixes quantization settings {sorted(specs, key=str)}; export one setting "
-                                "(one qat or quantize stage)")
-        bits, group, sym = specs.pop()
-        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-                   "strategy": "group" if group else "channel", "group_size": group}
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": "pack-quantized"}},
-                "ignore": ignore, "kv_cache_scheme": None}
+    def export_config(modules: dict[str, nn.Module], ignore: list[str]) -> dict:
+        return compressed_tensors_config(modules, ignore)
+
+
+def compressed_tensors_config(modules: dict[str, nn.Module], ignore: list[str]) -> dict:
+    """The ``quantization_config`` of packed ``QuantLinear``s (one setting) and ``KVQuant``s."""
+    linears = [m for m in modules.values() if isinstance(m, QuantLinear)]
+    kvs = {m.kv for m in modules.values() if isinstance(m, KVQuant)}
+    settings = {(m.wformat.ct_format, json.dumps(m.wformat.ct_scheme()), m.activations) for m in linears}
+    if len(settings) != 1 or len(kvs) > 1:
+        raise CompressError(f"the model mixes quantization settings {sorted(settings | kvs, key=str)}; export one "
+                            "setting (one qat or quantize stage)")
+    fmt, weights, act = settings.pop()
+    inputs = None if act is None else {"num_bits": 8, "type": "int" if act == "int8" else "float", "symmetric": True,
+                                       "dynamic": True, "strategy": "token"}
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": json.loads(weights),
+                                          "input_activations": inputs, "output_activations": None, "format": fmt}},
+            "ignore": ignore, "kv_cache_scheme": kvs.pop().ct_scheme() if kvs else None}
 
 
 def quantize_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, QuantLinear]:
     """Swap the targeted linears for ``QuantLinear`` (in place); returns them by name."""
-    spec, swapped = cfg.spec(), {}
+    fmt, swapped = cfg.wformat(), {}
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or not any(name.endswith(t) for t in cfg.targets):
             continue
         if any(name == i or name.endswith("." + i) for i in cfg.ignore):
             continue
-        spec.groups(m.in_features, name)
-        swapped[name] = QuantLinear.from_linear(m, spec, cfg.export == "compressed-tensors", cfg.format)
+        fmt.check(m.in_features, name)
+        swapped[name] = QuantLinear.from_linear(m, cfg)
         model.set_submodule(name, swapped[name])
     unmatched = [t for t in cfg.targets if not any(n.endswith(t) for n in swapped)]
     if unmatched:
@@ -179,9 +228,9 @@ def check_fit(cfg: WeightQuant, model_cfg) -> None:
                             f"use some of {', '.join(PROJECTIONS)} (or lm_head)")
     for target in cfg.targets:
         if target in inputs:
-            cfg.spec().groups(inputs[target], target)
+            cfg.wformat().check(inputs[target], target)
         elif target == "lm_head" and "lm_head" not in cfg.ignore:
-            cfg.spec().groups(model_cfg.hidden_size, target)
+            cfg.wformat().check(model_cfg.hidden_size, target)
 
 
 class QatStage(DistillStage):
@@ -189,6 +238,14 @@ class QatStage(DistillStage):
 
     kind: Literal["qat"] = "qat"
     weights: WeightQuant = Field(default_factory=WeightQuant)
+    kv_cache: KVCacheQuant | None = None  # fake-quantized K/V during training (the model learns the rounding)
+
+
+class GPTQConfig(Strict):
+    calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
+    block_size: int = Field(128, ge=1)          # columns per lazy-batch update
+    dampening: float = Field(0.01, gt=0.0)      # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False                      # columns in decreasing diag(H) (static groups)
 
 
 def gguf_source(cfg: WeightQuant, recipe) -> str | None:
@@ -214,7 +271,24 @@ class QuantizesWeights:
         gguf_source(cfg.weights, recipe)
 
     def transform(self, model: nn.Module) -> nn.Module:
-        quantize_linears(model, self.cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
+        cfg, ctx = self.cfg, self.ctx
+        swapped = quantize_linears(model, cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
+        info = {"format": cfg.weights.wformat().name, "modules": len(swapped), "activations": cfg.weights.activations}
+        if getattr(cfg, "method", "rtn") == "gptq":
+            g = cfg.gptq
+            blocks = ctx.calibration(g.calibration_blocks)
+            losses = gptq_model(model, blocks, swapped, ctx.recipe.train.micro_batch_size, g.block_size,
+                                g.dampening, g.act_order)
+            info |= {"gptq_tokens": blocks.numel(), "gptq_loss": round(sum(losses.values()), 4)}
+        if cfg.kv_cache is not None:
+            quants = attach_kv_quant(model, cfg.kv_cache.spec())
+            blocks = ctx.calibration(cfg.kv_cache.calibration_blocks)
+            calibrate_kv(model, quants, blocks, ctx.recipe.train.micro_batch_size)
+            spec = cfg.kv_cache.spec()
+            info |= {"kv_cache": cfg.kv_cache.format, "kv_per_head": spec.per_head, "kv_calibration_tokens": blocks.numel(),
+                     "kv_bytes_per_token": spec.bytes_per_token(model.config),
+                     "kv_bytes_per_token_bf16": 2 * spec.bytes_per_token(model.config)}
+        self.transform_info = info
         return model
 
     def export(self, model: nn.Module, final_dir) -> None:
@@ -237,11 +311,13 @@ class Qat(QuantizesWeights, Distill):
 
 
 class QuantizeStage(StageConfig):
-    """Post-training quantization, round to nearest (the PTQ baseline); no training."""
+    """Post-training quantization, no training: round to nearest, or GPTQ on calibration text."""
 
     kind: Literal["quantize"] = "quantize"
     weights: WeightQuant = Field(default_factory=WeightQuant)
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq"] = "rtn"
+    gptq: GPTQConfig = Field(default_factory=GPTQConfig)
+    kv_cache: KVCacheQuant | None = None
     max_steps: None = None
 
 

@@ -1,0 +1,141 @@
+"""GPTQ (Frantar et al. 2023): post-training quantization that compensates each column's rounding
+error on the columns not yet quantized, using the inputs' second moment H = 2 X^T X.
+
+    qp, err = gptq(w, H, fmt)               # one weight: its fixed quantization params (+ the loss)
+    gptq_model(model, blocks, fmts)         # every QuantLinear, layer by layer on calibration text
+
+For a weight W (out, in), with H damped (H + damp * mean(diag H) * I) and U the upper Cholesky
+factor of H^-1, columns are quantized left to right in blocks of B; column j's error
+e = (w_j - q_j) / U_jj updates the rest of the block at once (w_k -= e * U_jk), and the block's
+errors update the columns after it in one matmul (the "lazy batch" update). The params of a
+group of ``block`` columns (scales, zero points) are computed when its first column comes up,
+from the columns as updated so far; per-channel and per-tensor params come from W first. With
+``act_order`` the columns go in order of decreasing diag(H) and each group's params are computed
+from the original W up front (static groups), so the export's group layout is unchanged.
+
+Any ``compress.formats`` format works: int, fp8, NVFP4, MXFP4, GGUF blocks.
+
+``gptq_model`` runs the decoder layers one at a time (the "sequential" pipeline): each layer's
+linears get H from that layer's inputs as produced by the already-quantized layers before it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compress.formats import WeightFormat
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """(quant params, updated weight whose ``fmt.qdq(., params)`` is the result, loss sum((w-q) H (w-q)))."""
+    W = w.detach().float().clone()
+    out, n = W.shape
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    g = fmt.block or n
+    B = g * math.ceil(block_size / g) if fmt.block else block_size
+    st = fmt.tensor_state(W)
+    static = fmt.params(fmt.grouped(W), st)  # (out, groups): used per-channel, and for act_order
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    params = {k: torch.empty_like(v) for k, v in static.items()}
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g if fmt.block else 0
+            if fmt.block and not act_order and col % g == 0:  # a group starts: params from its updated columns
+                fresh = fmt.params(W1[:, i:i + g][:, None, :], st)
+                for k, v in fresh.items():
+                    params[k][:, grp] = v[:, 0]
+            p = {k: (v if fmt.block and not act_order else static[k])[:, grp:grp + 1] for k, v in params.items()}
+            q = fmt.qdq_elem(W1[:, i:i + 1][:, None, :], p, st)[:, 0, 0]
+            Q[:, i1 + i] = q
+            e = (W1[:, i] - q) / U1[i, i]
+            loss += (e.double() ** 2).sum() / 2
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    final = static if (act_order or not fmt.block) else params
+    return {**st, **final}, Q, float(loss)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 8,
+               block_size: int = 128, damp: float = 0.01, act_order: bool = False, log=print) -> dict[str, float]:
+    """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; freezes their
+    params and sets each weight to GPTQ's; returns each module's loss."""
+    layers = _decoder_layers(model)
+    inputs: list[tuple[tuple, dict]] = []
+
+    def catch(layer, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for s in range(0, len(blocks), batch_size):
+            try:
+                model(input_ids=blocks[s:s + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    losses = {}
+    for li, layer in enumerate(layers):
+        mine = {n: m for n, m in modules.items() if n.startswith(f"model.layers.{li}.")}
+        H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+             for n, m in mine.items()}
+
+        def add(name):
+            def hook(m, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                H[name].add_(2 * x.t() @ x)
+            return hook
+
+        hooks = [m.register_forward_pre_hook(add(n)) for n, m in mine.items()]
+        try:
+            for args, kwargs in inputs:
+                layer(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, m in mine.items():
+            tokens = sum((a[0] if a else k["hidden_states"]).shape[:-1].numel() for a, k in inputs)
+            qp, w, loss = gptq(m.weight, H[name] / tokens, m.wformat, block_size, damp, act_order)
+            m.weight.copy_(w.to(m.weight.dtype))
+            m.freeze(qp)
+            losses[name] = loss
+        new_inputs = []
+        for args, kwargs in inputs:  # the next layer sees this layer's quantized outputs
+            out = layer(*args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if args:
+                new_inputs.append(((hidden, *args[1:]), kwargs))
+            else:
+                new_inputs.append(((), {**kwargs, "hidden_states": hidden}))
+        inputs = new_inputs
+        log(f"gptq: layer {li + 1}/{len(layers)}, loss {sum(losses[n] for n in mine):.4g}")
+    return losses
