@@ -91,8 +91,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def rebuild(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh, unpartitioned copy of ``model``'s architecture holding ``state``."""
-    fresh = _skeleton(model.config, module_specs(model), state)
-    return _load_state(fresh, state).to(next(iter(state.values())).dtype)
+    from compress.models import rotary_kept_fp32
+
+    fresh = _load_state(_skeleton(model.config, module_specs(model), state), state)
+    with rotary_kept_fp32(fresh):
+        return fresh.to(next(iter(state.values())).dtype)
 
 
 def save_stage_model(model: nn.Module, out_dir: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def shared_vocab(tok_a, tok_b) -> None:
         f"teacher and student tokenizers differ (first at token {diff[0]!r}, id {diff[1]}); "
         "distillation needs a student that uses the teacher's tokenizer"
     )
+
+
+@contextmanager
+def rotary_kept_fp32(model: nn.Module):
+    """Casts inside (``.to(bf16)``, DeepSpeed's bf16 engine) leave the rotary ``inv_freq`` buffers
+    in float32, as ``from_pretrained(dtype=bf16)`` does: in bf16 they lose 3 digits and every
+    position's angle drifts, so the model evaluated here would differ from the export users load."""
+    saved = [(m, name, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None and name.endswith("inv_freq") and b.dtype == torch.float32]
+    yield
+    for m, name, b in saved:
+        m._buffers[name] = b.to(m._buffers[name].device)
 
 
 def head_dim(cfg) -> int:

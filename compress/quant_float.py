@@ -105,12 +105,8 @@ def mxfp4_exponent(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, e, torch.full_like(e, -127)).clamp(-127, 127).to(torch.int32)
 
 
-def fp4_qdq(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """e2m1(x / s) * s, with a zero scale (an all-zero block) giving zeros."""
-    return fp4_values(x, s) * s
-
-
 def fp4_values(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """e2m1(x / s), with a zero scale (an all-zero block) giving zeros."""
     return round_e2m1(x / torch.where(s > 0, s, 1) * (s > 0))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.models import rotary_kept_fp32
+
 
 class Teacher:
     def __init__(self, model: nn.Module, *, shard: str = "none", device: torch.device | str = "cpu",
@@ -24,11 +26,13 @@ class Teacher:
 
             ds = {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
                   "bf16": {"enabled": dtype == torch.bfloat16}}
-            engine, *_ = deepspeed.initialize(model=model, config=ds)  # no optimizer: inference only
+            with rotary_kept_fp32(model):
+                engine, *_ = deepspeed.initialize(model=model, config=ds)  # no optimizer: inference only
             engine.eval()
             self.module = engine
         else:
-            self.module = model.to(device=device, dtype=dtype)
+            with rotary_kept_fp32(model):
+                self.module = model.to(device=device, dtype=dtype)
 
     @property
     def model(self) -> nn.Module:

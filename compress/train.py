@@ -19,6 +19,7 @@ from compress.constraints import constrained_params, enforce
 from compress.data import rank_micro_indices, sample_indices
 from compress.lora import add_lora
 from compress.metrics import pair_metrics
+from compress.models import rotary_kept_fp32
 from compress.stages import RunContext, StageMethod
 
 
@@ -101,9 +102,10 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
     module = method.wrap(student)
     optimizer = make_optimizer(module, tr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr, steps))
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(tr, ctx.device)
-    )
+    with rotary_kept_fp32(module):
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(tr, ctx.device)
+        )
 
     start = latest_step(ckpt_dir) or 0
     if start:

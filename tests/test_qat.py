@@ -275,3 +275,18 @@ def test_qat_with_a_quantized_kv_cache_trains_through_the_rounding_and_exports_t
     assert qconfig["kv_cache_scheme"]["strategy"] == "attn_head" and qconfig["format"] == "float-quantized"
     state = load_file(out / "final/model.safetensors")
     assert torch.equal(state["model.layers.0.self_attn.k_scale"].float(), scale.float())
+
+
+def test_bf16_casts_keep_the_rotary_frequencies_in_fp32():
+    """What from_pretrained(dtype=bf16) does, and so what users of the export get."""
+    from compress.modelio import rebuild
+    from compress.teacher import Teacher
+
+    model = tiny()
+    want = model.model.rotary_emb.inv_freq.clone()
+    teacher = Teacher(model, dtype=torch.bfloat16)
+    assert teacher.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert teacher.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(teacher.model.model.rotary_emb.inv_freq, want)
+    again = rebuild(teacher.model, teacher.model.state_dict())
+    assert again.model.norm.weight.dtype == torch.bfloat16 and again.model.rotary_emb.inv_freq.dtype == torch.float32
