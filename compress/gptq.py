@@ -29,23 +29,29 @@ from torch import nn
 from compress.formats import WeightFormat
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, with dead inputs (a zero
+    diagonal: never active) given a unit diagonal. What GPTQ and SparseGPT both walk along."""
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.diag(H).mean() * torch.eye(len(H), dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128, damp: float = 0.01,
          act_order: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
     """(quant params, updated weight whose ``fmt.qdq(., params)`` is the result, loss sum((w-q) H (w-q)))."""
     W = w.detach().float().clone()
     out, n = W.shape
     H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, torch.diag(H) == 0] = 0
     g = fmt.block or n
     B = g * math.ceil(block_size / g) if fmt.block else block_size
     st = fmt.tensor_state(W)
     static = fmt.params(fmt.grouped(W), st)  # (out, groups): used per-channel, and for act_order
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     params = {k: torch.empty_like(v) for k, v in static.items()}
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64)
@@ -83,10 +89,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 8,
-               block_size: int = 128, damp: float = 0.01, act_order: bool = False, log=print) -> dict[str, float]:
-    """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; freezes their
-    params and sets each weight to GPTQ's; returns each module's loss."""
+def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], solve, batch_size: int = 8,
+              log=print, what: str = "gptq") -> dict[str, float]:
+    """The sequential pipeline: for each decoder layer in turn, H = 2 X^T X / tokens of each of its
+    ``modules``' inputs (X as the layers already solved produce it), then ``solve(name, module, H)``
+    (which edits the module and returns a loss), then the layer's new outputs feed the next."""
     layers = _decoder_layers(model)
     inputs: list[tuple[tuple, dict]] = []
 
@@ -103,6 +110,7 @@ def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Mod
                 pass
     finally:
         handle.remove()
+    tokens = sum((a[0] if a else k["hidden_states"]).shape[:-1].numel() for a, k in inputs)
     losses = {}
     for li, layer in enumerate(layers):
         mine = {n: m for n, m in modules.items() if n.startswith(f"model.layers.{li}.")}
@@ -123,13 +131,9 @@ def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Mod
             for h in hooks:
                 h.remove()
         for name, m in mine.items():
-            tokens = sum((a[0] if a else k["hidden_states"]).shape[:-1].numel() for a, k in inputs)
-            qp, w, loss = gptq(m.weight, H[name] / tokens, m.wformat, block_size, damp, act_order)
-            m.weight.copy_(w.to(m.weight.dtype))
-            m.freeze(qp)
-            losses[name] = loss
+            losses[name] = solve(name, m, H[name] / tokens)
         new_inputs = []
-        for args, kwargs in inputs:  # the next layer sees this layer's quantized outputs
+        for args, kwargs in inputs:  # the next layer sees this layer's new outputs
             out = layer(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             if args:
@@ -137,5 +141,19 @@ def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Mod
             else:
                 new_inputs.append(((), {**kwargs, "hidden_states": hidden}))
         inputs = new_inputs
-        log(f"gptq: layer {li + 1}/{len(layers)}, loss {sum(losses[n] for n in mine):.4g}")
+        log(f"{what}: layer {li + 1}/{len(layers)}, loss {sum(losses[n] for n in mine):.4g}")
     return losses
+
+
+def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 8,
+               block_size: int = 128, damp: float = 0.01, act_order: bool = False, log=print) -> dict[str, float]:
+    """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; freezes their
+    params and sets each weight to GPTQ's; returns each module's loss."""
+
+    def solve(name, m, H):
+        qp, w, loss = gptq(m.weight, H, m.wformat, block_size, damp, act_order)
+        m.weight.copy_(w.to(m.weight.dtype))
+        m.freeze(qp)
+        return loss
+
+    return layerwise(model, blocks, modules, solve, batch_size, log, "gptq")

@@ -129,6 +129,18 @@ def fake_quant(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
     return ste(w, dequantize(q, scale, zero, spec, w.dtype))
 
 
+def lsq_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    """Fake quant with a learned scale (LSQ, Esser et al. 2020): differentiable in ``w`` and in
+    ``scale`` (out, groups). The rounding passes gradients straight through; values clamped to
+    the range get none for w; the scale's gradient is the LSQ one, sum of (q - zero) - w/s over
+    its group. The forward uses the scale rounded up to ``spec.scale_dtype`` (what the export
+    stores), so it equals ``dequantize`` with that scale exactly."""
+    s = ste(scale, representable(scale.detach().float(), spec.scale_dtype))[..., None]
+    x = _grouped(w, spec) / s
+    q = torch.clamp(ste(x, torch.round(x)) + zero[..., None], spec.qmin, spec.qmax)
+    return ((q - zero[..., None]) * s).reshape(w.shape).to(w.dtype)
+
+
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """(rows, n) int8 values in [-2^(b-1), 2^(b-1)) -> (rows, ceil(n*b/32)) int32 words."""
     rows, n = q.shape

@@ -63,8 +63,9 @@ def lr_lambda(tr, steps: int):
 
 def make_optimizer(module: torch.nn.Module, tr) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms and biases
-    rest = [p for p in params if p.ndim < 2]
+    # no weight decay on norms, biases, or what a method marks ``no_decay`` (e.g. learned quantizer scales)
+    decay = [p for p in params if p.ndim >= 2 and not getattr(p, "no_decay", False)]
+    rest = [p for p in params if p.ndim < 2 or getattr(p, "no_decay", False)]
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tr.lr, betas=tuple(tr.betas))
 

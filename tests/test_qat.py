@@ -76,6 +76,7 @@ def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teac
     ({"format": "int", "per_tensor": True}, "per_tensor applies to format: fp8"),
     ({"format": "fp8", "activations": "fp8", "export": "dequantized"}, "use export: compressed-tensors"),
     ({"format": "nvfp4", "symmetric": False}, "nvfp4 is symmetric"),
+    ({"format": "mxfp4", "learn_scales": True}, "learn_scales applies to format: int"),
 ])
 def test_bad_quantization_input_fails_before_anything_is_written(tiny_teacher, tmp_path, weights, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
@@ -290,3 +291,32 @@ def test_bf16_casts_keep_the_rotary_frequencies_in_fp32():
     assert torch.equal(teacher.model.model.rotary_emb.inv_freq, want)
     again = rebuild(teacher.model, teacher.model.state_dict())
     assert again.model.norm.weight.dtype == torch.bfloat16 and again.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_learned_scales_train_match_their_export_and_survive_the_stage(tmp_path):
+    """LSQ: the scale gets a gradient, an optimizer step moves it, and the export (scales rounded
+    up to bf16 values, as the forward uses them) reloads with the same logits."""
+    model = tiny()
+    quantize_linears(model, WeightQuant(bits=4, group_size=32, learn_scales=True))
+    q = model.model.layers[0].mlp.up_proj
+    start = q.scale.detach().clone()
+    torch.testing.assert_close(q.quantized_weight(), dequantize(*quantize(q.weight, IntSpec(4, 32)), IntSpec(4, 32)))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(q.scale.detach(), start)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_weight(q), q.quantized_weight(), rtol=0, atol=0)
+    save_stage_model(model, tmp_path / "m")
+    back = load_stage_model(tmp_path / "m")
+    _, exported = export_and_reload(model, tmp_path)
+    with torch.no_grad():
+        for other in (back, exported):
+            torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def forward_weight(layer):
+    """The weight a QuantLinear's forward multiplies by (read through an identity input)."""
+    return layer(torch.eye(layer.in_features)).t()

@@ -38,7 +38,7 @@ from compress.models import head_dim
 from compress.formats import WeightFormat, weight_format
 from compress.gptq import gptq_model
 from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
-from compress.quant import ste
+from compress.quant import lsq_fake_quant, representable, ste
 from compress.quant_float import act_qdq
 from compress.stages import StageConfig, StageMethod, register
 
@@ -54,6 +54,8 @@ class WeightQuant(Strict):
     group_size: int | None = Field(64, ge=8)  # None: one scale per output channel
     symmetric: bool = True
     per_tensor: bool = False  # fp8 only: one scale for the whole weight
+    # int only: scales are trained with the weights (LSQ), starting from the weights' own (qat only)
+    learn_scales: bool = False
     # dynamic per-token quantization of each targeted linear's input (W8A8 with bits 8 / fp8)
     activations: Literal["int8", "fp8"] | None = None
     targets: list[str] = Field(default_factory=lambda: list(PROJECTIONS), min_length=1)  # module name suffixes
@@ -77,6 +79,8 @@ class WeightQuant(Strict):
                              "symmetric: true, or export: dequantized")
         if self.per_tensor and self.format != "fp8":
             raise ValueError("per_tensor applies to format: fp8; int formats use group_size (null: per channel)")
+        if self.learn_scales and self.format != "int":
+            raise ValueError(f"learn_scales applies to format: int; {self.format} recomputes its scales from the weights")
         if self.activations and self.export != "compressed-tensors":
             raise ValueError(f"activations: {self.activations} is applied by the serving stack from the "
                              "compressed-tensors config; use export: compressed-tensors (or drop activations)")
@@ -104,26 +108,41 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str = "int", bits: int = 4,
                  group_size: int | None = 64, symmetric: bool = True, per_tensor: bool = False,
-                 activations: str | None = None, packed_export: bool = True, frozen: dict | None = None):
+                 activations: str | None = None, packed_export: bool = True, frozen: dict | None = None,
+                 learn_scales: bool = False, masked: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.opts = {"fmt": fmt, "bits": bits, "group_size": group_size, "symmetric": symmetric,
                      "per_tensor": per_tensor, "activations": activations, "packed_export": packed_export,
-                     "frozen": frozen}
+                     "frozen": frozen, "learn_scales": learn_scales, "masked": masked}
+        if masked:  # a sparsity mask from an earlier sparsify stage, kept through QAT (zeros round to zero)
+            self.register_buffer("mask", torch.ones(out_features, in_features))
         for key, shape in (frozen or {}).items():  # fixed quantization params (GPTQ's), as buffers qp_<key>
             self.register_buffer(f"qp_{key}", torch.zeros(shape))
         self.wformat = weight_format(fmt, bits, group_size, symmetric, not per_tensor)
         self.wformat.check(in_features)
+        if learn_scales:  # LSQ: a trained scale per group (and the zero point it started with, fixed)
+            groups = self.wformat.spec.groups(in_features)
+            self.scale = nn.Parameter(torch.ones(out_features, groups))
+            self.scale.no_decay = True
+            self.register_buffer("zero", torch.zeros(out_features, groups))
         self.activations, self.packed_export = activations, packed_export and self.wformat.ct_format is not None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, cfg: WeightQuant) -> "QuantLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, cfg.format, cfg.bits, cfg.group_size,
-                cfg.symmetric, cfg.per_tensor, cfg.activations, cfg.export == "compressed-tensors")
+                cfg.symmetric, cfg.per_tensor, cfg.activations, cfg.export == "compressed-tensors",
+                learn_scales=cfg.learn_scales, masked=hasattr(lin, "mask"))
         m.to(lin.weight.device, lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
+            if hasattr(lin, "mask"):
+                m.mask.copy_(lin.mask)
+                m.weight.mul_(m.mask.to(m.weight.dtype))
             if lin.bias is not None:
                 m.bias.copy_(lin.bias)
+            if cfg.learn_scales:
+                qp = m.wformat.quant_params(m.weight)
+                m.scale.copy_(qp["scale"]), m.zero.copy_(qp["zero"])
         return m
 
     def freeze(self, qp: dict[str, torch.Tensor]) -> None:
@@ -133,18 +152,32 @@ class QuantLinear(nn.Linear):
             self.register_buffer(f"qp_{k}", v.detach().float().to(self.weight.device))
 
     def qparams(self) -> dict[str, torch.Tensor]:
+        if self.opts["learn_scales"]:
+            return {"scale": representable(self.scale.detach().float(), self.wformat.spec.scale_dtype),
+                    "zero": self.zero.float()}
         frozen = self.opts["frozen"]
         if frozen:
             return {k: getattr(self, f"qp_{k}").float() for k in frozen}
-        return self.wformat.quant_params(self.weight)
+        return self.wformat.quant_params(self.masked_weight())
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask.to(self.weight.dtype) if self.opts["masked"] else self.weight
+
+    def constrained_params(self):
+        if self.opts["masked"]:
+            yield self.weight, lambda w: w * self.mask.to(w.device, w.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.wformat.qdq(self.weight, self.qparams()).to(self.weight.dtype)
+        return self.wformat.qdq(self.masked_weight(), self.qparams()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations:
             x = act_qdq(x, self.activations)
-        return F.linear(x, ste(self.weight, self.quantized_weight()), self.bias)
+        if self.opts["learn_scales"]:
+            return F.linear(x, lsq_fake_quant(self.masked_weight(), self.scale, self.zero.float(), self.wformat.spec),
+                            self.bias)
+        w = self.masked_weight()
+        return F.linear(x, ste(w, self.wformat.qdq(w, self.qparams()).to(w.dtype)), self.bias)
 
     def spec(self) -> dict:
         return {"in": self.in_features, "out": self.out_features, "bias": self.bias is not None, **self.opts}
@@ -169,7 +202,7 @@ class QuantLinear(nn.Linear):
         """compressed-tensors' tensors of this module; None: export materialized."""
         if not self.packed_export:
             return None
-        out = self.wformat.pack(self.weight, dtype, self.qparams())
+        out = self.wformat.pack(self.masked_weight(), dtype, self.qparams())
         if self.bias is not None:
             out["bias"] = self.bias.detach().to(dtype)
         return out
@@ -200,7 +233,7 @@ def quantize_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, QuantLinea
     """Swap the targeted linears for ``QuantLinear`` (in place); returns them by name."""
     fmt, swapped = cfg.wformat(), {}
     for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or not any(name.endswith(t) for t in cfg.targets):
+        if not isinstance(m, nn.Linear) or isinstance(m, QuantLinear) or not any(name.endswith(t) for t in cfg.targets):
             continue
         if any(name == i or name.endswith("." + i) for i in cfg.ignore):
             continue
@@ -319,6 +352,12 @@ class QuantizeStage(StageConfig):
     gptq: GPTQConfig = Field(default_factory=GPTQConfig)
     kv_cache: KVCacheQuant | None = None
     max_steps: None = None
+
+    @model_validator(mode="after")
+    def _no_training(self) -> "QuantizeStage":
+        if self.weights.learn_scales:
+            raise ValueError("learn_scales trains the scales: use it on a qat stage (quantize does not train)")
+        return self
 
 
 @register(QuantizeStage)
