@@ -181,6 +181,19 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     return results, plans, wall
 
 
+def arm_stats(results: dict, metrics: dict) -> dict:
+    """{arm: {metric: mean ± std over seeds, seeds, bytes, teacher_bytes}} of a ``run_sweep``;
+    ``metrics`` maps a name to (the key in the final metrics, "lower" | "higher" is better)."""
+    stats = {}
+    for a, by_seed in results.items():
+        if by_seed:
+            rs = list(by_seed.values())
+            stats[a] = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in metrics.items()}
+            stats[a].update(seeds=sorted(by_seed), bytes=rs[0]["bytes_on_disk"],
+                            teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
+    return stats
+
+
 def transforms(out: Path) -> dict:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*/transform.json"))}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import compare, mean_std, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
+from benchmarks.common import arm_stats, compare, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
@@ -59,12 +59,7 @@ def main() -> int:
     sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_qat_kd", "qat_kd")
     args = ap.parse_args()
     results, _, wall = run_sweep(ARMS, RECIPE, args)
-    stats = {}
-    for a, by_seed in results.items():
-        if by_seed:
-            rs = list(by_seed.values())
-            stats[a] = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in METRICS.items()}
-            stats[a].update(seeds=sorted(by_seed), bytes=rs[0]["bytes_on_disk"], teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
+    stats = arm_stats(results, METRICS)
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
     payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},

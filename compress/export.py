@@ -21,7 +21,7 @@ from compress.errors import CompressError
 from compress.modelio import custom_modules, materialize
 
 
-def bytes_on_disk(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+def bytes_on_disk(folder: str | os.PathLike, pattern: str = "model*.safetensors") -> int:
     return sum(f.stat().st_size for f in Path(folder).glob(pattern))
 
 
