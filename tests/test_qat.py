@@ -258,11 +258,15 @@ def test_kv_cache_quantization_rounds_k_and_v_survives_the_stage_and_is_exported
 
 
 @pytest.mark.slow
-def test_qat_with_a_quantized_kv_cache_trains_through_the_rounding_and_exports_the_scales(tiny_teacher, tmp_path):
+def test_qat_with_learned_scales_and_a_quantized_kv_cache_exports_both(tiny_teacher, tmp_path):
+    """LSQ scales train (they leave the weights' own RTN scales), ride through the run (DeepSpeed
+    parameters) and export; the KV scales are calibrated, held, and exported beside them."""
     from safetensors.torch import load_file
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
-                          stages=[{"kind": "qat", "weights": {"format": "fp8"}, "max_steps": 3,
+                          train={"lr": 1e-2},
+                          stages=[{"kind": "qat", "weights": {"bits": 4, "group_size": 32, "learn_scales": True},
+                                   "max_steps": 3,
                                    "kv_cache": {"format": "fp8", "per_head": True, "calibration_blocks": 4}}])
     p = launch(recipe)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -273,9 +277,13 @@ def test_qat_with_a_quantized_kv_cache_trains_through_the_rounding_and_exports_t
     scale = ours.model.layers[0].self_attn.kv_quant.k_scale
     assert scale.shape[0] == ours.config.num_key_value_heads and (scale > 0).all()
     qconfig = json.loads((out / "final/config.json").read_text())["quantization_config"]
-    assert qconfig["kv_cache_scheme"]["strategy"] == "attn_head" and qconfig["format"] == "float-quantized"
+    assert qconfig["kv_cache_scheme"]["strategy"] == "attn_head" and qconfig["format"] == "pack-quantized"
     state = load_file(out / "final/model.safetensors")
     assert torch.equal(state["model.layers.0.self_attn.k_scale"].float(), scale.float())
+    up = ours.model.layers[0].mlp.up_proj
+    rtn = up.wformat.quant_params(up.weight)["scale"]
+    assert not torch.equal(up.qparams()["scale"], rtn)  # trained away from the weights' own scales
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight_scale"].float(), up.qparams()["scale"])
 
 
 def test_bf16_casts_keep_the_rotary_frequencies_in_fp32():
