@@ -194,6 +194,34 @@ def arm_stats(results: dict, metrics: dict) -> dict:
     return stats
 
 
+def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, verdict: dict, wall: float,
+                  results: dict, notes: str, columns: dict[str, str], teacher_row: dict) -> str:
+    """The results page of an arms x seeds sweep: header (command, time, device), one row per arm
+    (mean ± std of ``metrics``, plus ``columns``: header -> key in the arm's stats), verdicts."""
+    from compress.tracking import format_table
+
+    devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
+    lines = [f"{title}; seeds {args.seeds}.",
+             f"Command: .venv/bin/python benchmarks/{script} --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
+             + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.",
+             "", notes, ""]
+    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in metrics},
+             **{h: st.get(k) for h, k in columns.items()}} for a, st in stats.items()]
+    if stats:
+        rows.insert(0, teacher_row)
+    lines += [format_table(rows, ["arm", "seeds", *metrics, *columns]), "", "Verdicts:", ""]
+    lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
+    return "\n".join(lines) + "\n"
+
+
+def below(ms: dict, goal: float) -> str:
+    """'met' / 'not met' / 'inconclusive' for mean ± std against an upper bound (no claim on one seed)."""
+    if ms["std"] is None:
+        return f"no claim (one seed): {pm(ms)}"
+    lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
+    return f"{'met' if hi <= goal else 'not met' if lo > goal else 'inconclusive'} ({pm(ms)})"
+
+
 def transforms(out: Path) -> dict:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*/transform.json"))}
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import arm_stats, compare, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
-from compress.tracking import format_table  # noqa: E402
+from benchmarks.common import (arm_stats, arms_markdown, below, compare, run_sweep, sweep_arguments,  # noqa: E402
+                               write_results)
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
 TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
@@ -78,12 +78,7 @@ def _verdict(stats: dict) -> dict:
                 v[f"SparseGPT one-shot beats {base}, {m}"] = f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
     for arm in ("sparsegpt_kd", "wanda_kd", "magnitude_kd", "sparsegpt_kd_int4"):
         if arm in stats:
-            ms = stats[arm]["ppl_ratio"]
-            if ms["std"] is None:
-                v[f"{arm} ppl ratio <= 1.15"] = f"no claim (one seed): {pm(ms)}"
-            else:
-                lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
-                v[f"{arm} ppl ratio <= 1.15"] = f"{'met' if hi <= 1.15 else 'not met' if lo > 1.15 else 'inconclusive'} ({pm(ms)})"
+            v[f"{arm} ppl ratio <= 1.15"] = below(stats[arm]["ppl_ratio"], 1.15)
     if "sparsegpt_kd" in stats and "magnitude_kd" in stats:
         v["SparseGPT+KD vs magnitude+KD, ppl_ratio"] = compare(stats["sparsegpt_kd"]["ppl_ratio"],
                                                               stats["magnitude_kd"]["ppl_ratio"], "lower")
@@ -91,21 +86,14 @@ def _verdict(stats: dict) -> dict:
 
 
 def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> str:
-    devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
-    lines = [f"2:4 sparsity of SmolLM2-135M-Instruct against its dense teacher, held-out Python docs; seeds {args.seeds}.",
-             f"Command: .venv/bin/python benchmarks/sparsity.py --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
-             + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
-             "Mean ± sample std over seeds (one-shot arms do not train: their seeds agree). Projection weights: "
+    notes = ("Mean ± sample std over seeds (one-shot arms do not train: their seeds agree). Projection weights: "
              f"{PROJECTION_PARAMS:,} parameters, {2 * PROJECTION_PARAMS:,} bytes dense in bf16; `2:4 file` is "
-             "final/sparse24.safetensors (kept values + 2-bit positions, or int4 codes + scales + positions).", ""]
-    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "export bytes": st["bytes"],
-             "2:4 file bytes": st["sparse24_bytes"]} for a, st in stats.items()]
-    if stats:
-        rows.insert(0, {"arm": "dense teacher", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
-                        "export bytes": next(iter(stats.values()))["teacher_bytes"]})
-    lines += [format_table(rows, ["arm", "seeds", *METRICS, "export bytes", "2:4 file bytes"]), "", "Verdicts:", ""]
-    lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
-    return "\n".join(lines) + "\n"
+             "final/sparse24.safetensors (kept values + 2-bit positions, or int4 codes + scales + positions).")
+    teacher = {"arm": "dense teacher", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
+               "export bytes": next(iter(stats.values()))["teacher_bytes"] if stats else None}
+    return arms_markdown("2:4 sparsity of SmolLM2-135M-Instruct against its dense teacher, held-out Python docs",
+                         "sparsity.py", args, stats, METRICS, verdict, wall, results, notes,
+                         {"export bytes": "bytes", "2:4 file bytes": "sparse24_bytes"}, teacher)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""GQA conversion on the real teacher: SmolLM2's 3 KV heads merged into 1 by mean-pooling or by the
+output-preserving weighted merge, each alone and uptrained with KD, and the decode speed it buys.
+
+    .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,mean_kd,weighted_kd] [--seeds 0,1,2] [--jobs 1]
+
+Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
+the teacher, a `gqa` stage (num_key_value_heads: 1) and, for `*_kd` arms, a `distill` stage of
+150 steps x 8 x 128 tokens at lr 5e-5 (the QAT and sparsity benchmarks' budget). Metrics against
+the teacher on held-out Python docs; KV-cache bytes per token (bf16) before and after; and the
+decode speed ratio: greedy tokens/s of the converted export vs the teacher at a long context
+(CPU, fp32, the same prompt, measured in this run). Goal (issue 16): <= 1.05x the teacher's
+perplexity with KV bytes / 3, claims only beyond the seed spread.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.common import (arm_stats, arms_markdown, below, compare, run_sweep, sweep_arguments,  # noqa: E402
+                               write_results)
+
+RECIPE = REPO / "recipes/smollm2_distill.yaml"
+TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+TEACHER = "{init: teacher}"
+ARMS = {
+    "mean": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}]"),
+    "weighted": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: weighted}]"),
+    "mean_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}, {kind: distill}]", TRAIN),
+    "weighted_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: weighted}, {kind: distill}]", TRAIN),
+}
+METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
+           "ppl": ("student_ppl", "lower")}
+
+
+def decode_speed(final: Path, context: int = 1024, new: int = 64, reps: int = 2) -> dict:
+    """Greedy decode tokens/s of the export and of the teacher after a ``context``-token prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compress.models import load_model
+
+    prompt = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(0))
+
+    def rate(model) -> float:
+        model.eval().config.use_cache = True
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            best = max(best, new / (time.perf_counter() - t0))
+        return best
+
+    student = rate(AutoModelForCausalLM.from_pretrained(REPO / final, dtype=torch.float32))
+    teacher = rate(load_model("smollm2-135m-instruct"))
+    return {"context": context, "new_tokens": new, "student_tok_s": student, "teacher_tok_s": teacher,
+            "speedup": student / teacher}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_gqa", "gqa")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    args = ap.parse_args()
+    results, plans, wall = run_sweep(ARMS, RECIPE, args)
+    stats = arm_stats(results, METRICS)
+    for a, st in stats.items():
+        info = next(iter(results[a].values()))["transform"].get("0-gqa", {})
+        st["kv_bytes"] = info.get("kv_bytes_per_token_bf16", [None, None])[1]
+        st["teacher_kv_bytes"] = info.get("kv_bytes_per_token_bf16", [None, None])[0]
+    speed = None
+    if stats and not args.no_speed:
+        first = next(iter(stats))
+        speed = decode_speed(plans[first, stats[first]["seeds"][0]][0] / "final")
+    verdict = _verdict(stats, speed)
+    notes = ("Mean ± sample std over seeds (one-shot arms do not train: their seeds agree). KV bytes per token "
+             "in bf16 (K and V, every layer).")
+    teacher = {"arm": "teacher (3 KV heads)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
+               "KV bytes/token": next(iter(stats.values()))["teacher_kv_bytes"] if stats else None}
+    md = arms_markdown("GQA conversion of SmolLM2-135M-Instruct (3 KV heads -> 1) against the teacher, held-out "
+                       "Python docs", "gqa.py", args, stats, METRICS, verdict, wall, results, notes,
+                       {"KV bytes/token": "kv_bytes"}, teacher)
+    payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
+               "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
+               "summary": stats, "decode_speed": speed, "verdict": verdict}
+    write_results(args.tag, payload, md)
+    return 0
+
+
+def _verdict(stats: dict, speed: dict | None) -> dict:
+    v = {}
+    if "mean" in stats and "weighted" in stats:
+        for m in ("ppl_ratio", "kl"):
+            a, b = stats["weighted"][m]["mean"], stats["mean"][m]["mean"]
+            v[f"weighted merge beats mean-pooling before training, {m}"] = \
+                f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
+    for arm in ("weighted_kd", "mean_kd"):
+        if arm in stats:
+            v[f"{arm} ppl ratio <= 1.05"] = below(stats[arm]["ppl_ratio"], 1.05)
+    if "weighted_kd" in stats and "mean_kd" in stats:
+        v["weighted+KD vs mean+KD, ppl_ratio"] = compare(stats["weighted_kd"]["ppl_ratio"], stats["mean_kd"]["ppl_ratio"],
+                                                        "lower")
+    if speed:
+        v[f"decode speed at {speed['context']} tokens of context (CPU, fp32)"] = \
+            f"{speed['speedup']:.2f}x the teacher ({speed['student_tok_s']:.1f} vs {speed['teacher_tok_s']:.1f} tokens/s)"
+    return v
+
+
+if __name__ == "__main__":
+    sys.exit(main())
