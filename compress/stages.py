@@ -38,6 +38,18 @@ from compress.errors import CompressError
 from compress.lora import LoraConfig
 from compress.losses import ce_loss
 
+def with_model_losses(loss: torch.Tensor, logs: dict, out, module: nn.Module) -> tuple[torch.Tensor, dict]:
+    """``loss`` plus what the model itself asks to be trained with (an MoE router's load-balancing
+    and z losses, ``compress.upcycle.router_losses``), for every training method."""
+    from compress.upcycle import router_losses
+
+    inner = module
+    while hasattr(inner, "module") or hasattr(inner, "student"):  # DeepSpeed engine, then a method's wrapper
+        inner = getattr(inner, "module", None) or inner.student
+    extra, more = router_losses(out, inner.config)
+    return (loss if extra is None else loss + extra), {**logs, **more}
+
+
 STAGE_METHODS: dict[str, type["StageMethod"]] = {}  # kind -> method (its config: method.config_type)
 
 
@@ -165,7 +177,7 @@ class StageMethod:
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         out = module(input_ids=batch["input_ids"])
         loss = ce_loss(out.logits, batch["labels"])
-        return loss, {"ce": loss.detach()}
+        return with_model_losses(loss, {"ce": loss.detach()}, out, module)
 
     def after_step(self, engine, step: int) -> None:
         """After each optimizer step; ``engine`` is the DeepSpeed engine (its optimizer holds the

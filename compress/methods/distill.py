@@ -27,7 +27,7 @@ from compress.data import sample_indices
 from compress.errors import CompressError
 from compress.losses import KD_LOSSES, ce_loss, hidden_mse, kd_loss
 from compress.offline_kd import precompute
-from compress.stages import StageConfig, StageMethod, register
+from compress.stages import StageConfig, StageMethod, register, with_model_losses
 
 
 class OfflineKD(Strict):
@@ -155,7 +155,7 @@ class Distill(StageMethod):
             ) / len(cfg.hidden_layers)
             total = total + cfg.hidden_weight * mse
             logs["hidden_mse"] = mse.detach()
-        return total, logs
+        return with_model_losses(total, logs, out, module)
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return module.student

@@ -1,0 +1,93 @@
+"""Dense -> MoE upcycling: each MLP becomes E experts and a top-k router (Mixtral architecture),
+a one-shot transform that a ``distill`` (or ``finetune``) stage then trains, with the router's
+load-balancing and z losses added by the loop.
+
+    stages:
+      - kind: upcycle
+        experts: 4
+        top_k: 2
+        init: copy            # copy (+ noise) | split (channels cut into E parts)
+      - kind: distill         # KD from the dense model
+
+The result is a stock ``MixtralForCausalLM`` (transformers, lm-eval and vLLM load it without our
+code); total vs active parameters and each layer's expert utilization (before and after training)
+go to the report, ``final/expert_utilization.json`` and the logger. The math is in
+``compress.upcycle``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from compress.errors import CompressError
+from compress.upcycle import check_upcycle, moe_config, param_counts, upcycled_state, utilization
+from compress.stages import StageConfig, StageMethod, register
+
+
+class UpcycleStage(StageConfig):
+    kind: Literal["upcycle"] = "upcycle"
+    experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    init: Literal["copy", "split"] = "copy"
+    noise: float = Field(0.0, ge=0.0)         # copy: relative weight noise that breaks the experts' symmetry
+    router_std: float = Field(0.02, ge=0.0)   # copy: the router's initial weight std
+    aux_loss_coef: float = Field(0.01, ge=0.0)
+    z_loss_coef: float = Field(0.001, ge=0.0)
+    calibration_blocks: int = Field(16, ge=1)  # for the utilization histograms
+    max_steps: None = None
+
+
+@register(UpcycleStage)
+class Upcycle(StageMethod):
+    trains = False
+
+    @classmethod
+    def check(cls, cfg, recipe, configs: dict) -> None:
+        index = next(i for i, s in enumerate(recipe.stages) if s is cfg)
+        before = [s.kind for s in recipe.stages[:index] if s.kind in ("sparsify", "qat", "quantize", "upcycle")]
+        if before:
+            raise CompressError(f"an upcycle stage after a {before[0]} stage is not supported; upcycle the dense "
+                                "model first (upcycle -> distill -> ...)")
+        check_upcycle(configs.get("student"), cfg.experts, cfg.top_k, cfg.init)
+
+    @classmethod
+    def out_config(cls, cfg, config):
+        return moe_config(config, cfg.experts, cfg.top_k, cfg.init, cfg.aux_loss_coef, cfg.z_loss_coef)
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        cfg, ctx = self.cfg, self.ctx
+        check_upcycle(model.config, cfg.experts, cfg.top_k, cfg.init)
+        new_cfg = self.out_config(cfg, model.config)
+        state = upcycled_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config, cfg.experts,
+                               cfg.init, cfg.noise, cfg.router_std, ctx.recipe.seed)
+        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+        moe = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
+        missing, unexpected = moe.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if new_cfg.tie_word_embeddings else set()
+        assert not unexpected and set(missing) <= tied, f"upcycled state does not fit: {missing} {unexpected}"
+        moe = moe.to(device)
+        moe.config.use_cache = False
+        blocks = ctx.calibration(cfg.calibration_blocks)
+        self.transform_info = {"experts": cfg.experts, "top_k": cfg.top_k, "init": cfg.init,
+                               "moe_params": param_counts(new_cfg),
+                               "utilization_at_init": utilization(moe, blocks, ctx.recipe.train.micro_batch_size)}
+        return moe
+
+    def export(self, model: nn.Module, final_dir) -> None:
+        from pathlib import Path
+
+        from compress.checkpoint import publish_file
+
+        blocks = self.ctx.calibration(self.cfg.calibration_blocks)
+        util = utilization(model, blocks, self.ctx.recipe.train.micro_batch_size)
+        at_init = json.loads((Path(self.stage_dir) / "transform.json").read_text()).get("utilization_at_init")
+        payload = {"params": param_counts(model.config), "utilization": util, "utilization_at_init": at_init}
+        publish_file(Path(final_dir) / "expert_utilization.json", lambda p: p.write_text(json.dumps(payload, indent=1)))
+        self.ctx.logger.log({"stage": self.index, "step": 0,
+                             **{f"moe/layer{l}_expert{e}": u for l, row in enumerate(util) for e, u in enumerate(row)}})

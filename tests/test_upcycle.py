@@ -1,0 +1,114 @@
+"""Dense -> MoE upcycling: exact at init, router losses in the loop, and a real run whose export is
+a stock Mixtral that transformers loads alone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
+
+from compress.upcycle import moe_config, param_counts, router_losses, upcycled_state, utilization
+from tests.tiny import REPO, run_env, write_recipe
+
+
+def tiny():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def upcycled(dense, experts, top_k, init, **kw):
+    cfg = moe_config(dense.config, experts, top_k, init, 0.01, 0.001)
+    moe = MixtralForCausalLM(cfg).eval()
+    missing, unexpected = moe.load_state_dict(upcycled_state(dense.state_dict(), dense.config, experts, init, **kw),
+                                              strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return moe
+
+
+@pytest.mark.parametrize("experts,top_k,init", [(4, 2, "copy"), (4, 1, "copy"), (4, 4, "split"), (2, 2, "split")])
+def test_upcycled_model_equals_the_dense_one_at_init(experts, top_k, init):
+    dense = tiny()
+    moe = upcycled(dense, experts, top_k, init)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = moe(input_ids=ids)
+        torch.testing.assert_close(out.logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(out.router_logits) == 2 and out.aux_loss is not None
+    counts = param_counts(moe.config)
+    if init == "copy":
+        assert counts["total"] > counts["active"] or top_k == experts
+
+
+def test_noise_breaks_the_symmetry_and_split_with_fewer_active_experts_differs():
+    dense = tiny()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = dense(input_ids=ids).logits
+        noisy = upcycled(dense, 4, 2, "copy", noise=0.01)(input_ids=ids).logits
+        partial = upcycled(dense, 4, 2, "split")(input_ids=ids).logits
+    assert 0 < (noisy - want).abs().max() < 0.5
+    assert (partial - want).abs().max() > 1e-3
+
+
+def test_router_losses_are_the_load_balance_and_z_terms():
+    moe = upcycled(tiny(), 4, 2, "copy", router_std=1.0)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = moe(input_ids=ids)
+    extra, logs = router_losses(out, moe.config)
+    z = torch.stack([torch.logsumexp(x.float(), -1).pow(2).mean() for x in out.router_logits]).mean()
+    torch.testing.assert_close(extra, 0.01 * out.aux_loss + 0.001 * z)
+    assert set(logs) == {"load_balance", "router_z"}
+    extra.backward()
+    assert moe.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # the router learns from them
+    assert router_losses(tiny()(input_ids=ids), tiny().config) == (None, {})  # a dense model has none
+    util = utilization(moe, ids)
+    assert len(util) == 2 and all(abs(sum(row) - 1) < 1e-6 for row in util)
+
+
+def launch(recipe, *extra):
+    return subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra],
+                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow
+def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(tiny_teacher, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
+                          stages=[{"kind": "upcycle", "experts": 4, "top_k": 2, "noise": 0.01, "calibration_blocks": 4},
+                                  {"kind": "distill", "max_steps": 4}])
+    p = launch(recipe)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(final).__name__ == "MixtralForCausalLM" and final.config.num_local_experts == 4
+    assert "modules.json" not in {f.name for f in (out / "final").iterdir()}
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "final/model.safetensors")  # Mixtral's own checkpoint names, as vLLM reads them
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys and "model.layers.0.block_sparse_moe.gate.weight" in keys
+    info = json.loads((out / "stages/0-upcycle/transform.json").read_text())
+    assert info["moe_params"]["total"] > info["moe_params"]["active"]
+    after = next(r for r in json.loads((out / "summary.json").read_text())["table"] if r["model"].startswith("after 0"))
+    assert after["kl"] < 1e-3  # the upcycled model starts (nearly: the noise) where the dense one was
+    util = json.loads((out / "final/expert_utilization.json").read_text())
+    assert len(util["utilization"]) == 4 and len(util["utilization_at_init"]) == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("load_balance" in r and "router_z" in r for r in metrics), "the router losses were not trained"
+    router0 = final.model.layers[0].mlp.gate.weight
+    again = launch(recipe)  # a finished run: the transform is not redone, the router state stays
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out / "final").model.layers[0].mlp.gate.weight, router0)
+
+
+@pytest.mark.parametrize("stage,message", [
+    ({"kind": "upcycle", "experts": 2, "top_k": 3}, "top_k 3 is more than the 2 experts"),
+    ({"kind": "upcycle", "experts": 0}, "experts"),
+    ({"kind": "upcycle", "experts": 3, "init": "split"}, "does not divide them"),
+])
+def test_bad_upcycle_input_fails_in_one_line_before_any_weights_load(tiny_teacher, tmp_path, stage, message):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
+                          stages=[stage])
+    p = launch(recipe, "--dry-run")
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
