@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding check")
+    ap.add_argument("--kernels", action="store_true", help="run the student's quantized / 2:4 linears on our kernels "
+                    "(kernels.modules; the PyTorch reference of the same math off CUDA): judged as served")
     ap.add_argument("--gate", action="append", default=[], help="e.g. ppl_ratio_max=1.3, mmlu_min_ratio=0.95, "
                     "top1_min=0.8, acceptance_min=0.6, acc_min_ratio.TASK=0.9 (repeatable)")
     ap.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
@@ -110,11 +112,17 @@ def run(args, cfg, tokenizer) -> int:
     out = Path(args.out or Path(args.model) / "eval")
     data_cfg = export_data_config(args.model)
     data = prepare_data(data_cfg, tokenizer)
-    student = load_model(args.model, dtype).to(device).eval()
+    if args.kernels:
+        from eval.kernel_model import load_kernel_model
+
+        student = load_kernel_model(args.model, dtype, device)
+    else:
+        student = load_model(args.model, dtype).to(device).eval()
     teacher = load_model(args.teacher, dtype).to(device).eval()
     results = evaluate_pair(student, teacher, tokenizer, cfg, data.val, student_dir=args.model, device=device,
                             data=data_cfg.model_dump(mode="json"))
-    results.update(model=str(args.model), teacher_source=args.teacher)
+    results.update(model=str(args.model), teacher_source=args.teacher,
+                   student_kernel_modules=getattr(student.config, "kernel_modules", 0))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2, default=str))
     report = write_report(out, results=results)

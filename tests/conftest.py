@@ -8,6 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+if not torch.cuda.is_available():  # the Triton kernels run in the interpreter here (set before any @triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval`, as launch/ does)
 from tests.tiny import make_tiny_model  # noqa: E402

@@ -156,3 +156,16 @@ def test_compress_never_imports_eval_or_launch():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad = [n for n in names if n.split(".")[0] in ("eval", "launch", "benchmarks", "tests")]
             assert not bad, f"{path.relative_to(REPO)} imports {bad}: compress/ is the core, nothing above it"
+
+
+def test_kernels_import_only_torch_triton_and_themselves():
+    import ast
+    import sys
+
+    allowed = {"torch", "triton", "kernels", "__future__"} | set(sys.stdlib_module_names)
+    for path in sorted((REPO / "kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] not in allowed]
+            assert not bad, f"{path.relative_to(REPO)} imports {bad}: kernels/ stands on torch and triton alone"

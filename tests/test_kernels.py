@@ -1,0 +1,99 @@
+"""The Triton kernels against their PyTorch references (in Triton's interpreter on CPU), on the
+layouts our exports write, and kernel-backed models loaded from real exports."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from compress.quant import IntSpec, pack_int32, quantize  # noqa: E402
+from compress.sparsity import nm_mask, pack_24  # noqa: E402
+from kernels import selftest  # noqa: E402
+from kernels.sparse24 import triton_sparse24  # noqa: E402
+from kernels.wna16 import triton_wna16  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_selftest_passes_on_its_default_shapes(dtype):
+    lines = []
+    assert selftest.run(selftest.parse_shapes(selftest.DEFAULT_SHAPES), dtype, "cpu", out=lines.append) == 0
+    assert any("skipped: group 128 does not divide K=576" in line for line in lines)
+    assert sum(" ok" in line for line in lines) >= 35
+
+
+def test_selftest_reports_a_mismatch_with_a_nonzero_exit():
+    lines = []
+    assert selftest.run([(3, 40, 128)], torch.float32, "cpu", out=lines.append, tolerance=0.0) == 1
+    assert any("MISMATCH" in line for line in lines)
+
+
+@pytest.mark.parametrize("m,n,k,group,bits", [(1, 70, 576, 64, 4), (7, 33, 128, 32, 4), (16, 64, 1536, None, 8),
+                                              (5, 40, 256, 128, 4)])
+def test_wna16_on_our_export_layout_equals_the_dequantized_matmul(m, n, k, group, bits):
+    torch.manual_seed(0)
+    w, x = torch.randn(n, k) * 0.05, torch.randn(m, k)
+    spec = IntSpec(bits, group, True)
+    q, scale, _ = quantize(w, spec)
+    w_hat = (q.float().reshape(n, -1, group or k) * scale[..., None]).reshape(n, k)
+    y = triton_wna16(x, pack_int32(q, bits), scale, None, bits)
+    torch.testing.assert_close(y, x @ w_hat.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse24_on_our_export_layout_equals_the_dense_matmul():
+    torch.manual_seed(0)
+    n, k = 72, 576
+    mask = nm_mask(torch.rand(n, k), 2, 4)
+    w, x = torch.randn(n, k) * mask, torch.randn(3, k)
+    values, meta = pack_24(w, mask)
+    torch.testing.assert_close(triton_sparse24(x, values, meta), x @ w.t(), rtol=1e-5, atol=1e-5)
+    q, scale, _ = quantize(w, IntSpec(4, 64, True))
+    codes, meta = pack_24(q.float(), mask)
+    w_hat = (q.float().reshape(n, -1, 64) * scale[..., None]).reshape(n, k)
+    y = triton_sparse24(x, pack_int32(codes.to(torch.int8), 4), meta, scale)
+    torch.testing.assert_close(y, x @ w_hat.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: triton_wna16(torch.randn(2, 96), torch.zeros(8, 12, dtype=torch.int32), torch.ones(8, 5), None, 4),
+     "does not fit N=8, K=96"),
+    (lambda: triton_wna16(torch.randn(2, 64), torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 3),
+     "W3A16 is not supported"),
+    (lambda: triton_sparse24(torch.randn(2, 72), torch.zeros(8, 36), torch.zeros(8, 9, dtype=torch.uint8)),
+     "must be a multiple of 16"),
+])
+def test_shapes_a_kernel_cannot_take_fail_in_one_line(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_kernel_model_from_a_2_4_int4_export_computes_the_exported_logits(tmp_path):
+    """sparsify -> quantize (in process), exported as the run would; the kernel model (2:4 x int4
+    file) and transformers' own decompression of the export agree."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from compress.export import export_model
+    from compress.methods.qat import WeightQuant, quantize_linears
+    from compress.methods.sparsify import SparsifyStage, sparse24_tensors, sparsify
+    from eval.kernel_model import load_kernel_model
+    from kernels.modules import Sparse24LinearKernel
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    sparsify(model, SparsifyStage(method="magnitude"))
+    quantize_linears(model, WeightQuant(bits=4, group_size=32))
+
+    class NoTokenizer:
+        def save_pretrained(self, folder):
+            pass
+
+    out = export_model(model, NoTokenizer(), tmp_path / "final", {})
+    save_file(sparse24_tensors(model, torch.float32), str(out / "sparse24.safetensors"))
+    ours = load_kernel_model(out)
+    assert ours.config.kernel_modules == 14 and isinstance(ours.model.layers[1].mlp.down_proj, Sparse24LinearKernel)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
