@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.wna16 import launch_config, triton
+from kernels.wna16 import launch, triton, tuned
 
 if triton is not None:
     import triton.language as tl
@@ -71,10 +71,12 @@ def check(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor, sc
 
 if triton is not None:
     @triton.jit
-    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, GROUP, K_PER_SPLIT,
+    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, GROUP, M_BUCKET,
                          stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ys,
-                         INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        K_PER_SPLIT = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -105,6 +107,10 @@ if triton is not None:
         tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+if triton is not None:
+    _sparse24_run = tuned(_sparse24_kernel)
+
+
 def triton_sparse24(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor,
                     scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a compressed 2:4 weight (int4 codes when ``scale`` is given)."""
@@ -114,16 +120,11 @@ def triton_sparse24(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], meta.shape[0]
-    group = k // scale.shape[1] if scale is not None else k
-    cfg = launch_config(m, n, k, group)
-    partial = torch.empty(cfg["split"], m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split"])
     v, meta = values_or_codes.contiguous(), meta.contiguous()
     s = scale.contiguous() if scale is not None else v
-    _sparse24_kernel[grid](x2, v, meta, s, partial, m, n, k, group, cfg["k_per_split"],
-                           x2.stride(0), v.stride(0), meta.stride(0), s.stride(0), partial.stride(1), partial.stride(0),
-                           INT4=scale is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-    y = partial.sum(0) if cfg["split"] > 1 else partial[0]
+    group = k // scale.shape[1] if scale is not None else k
+    y = launch(_sparse24_run, (x2, v, meta, s, group, x2.stride(0), v.stride(0), meta.stride(0), s.stride(0)),
+               m, n, k, x.device, INT4=scale is not None)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)

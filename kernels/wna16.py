@@ -8,10 +8,12 @@ Layout read (compressed-tensors ``pack-quantized``, what our QAT/PTQ exports wri
     zero    (N, K / G)  int8 or None (symmetric)
     W[n, k] = (q[n, k] - zero[n, k // G]) * scale[n, k // G]
 
-Tiling: one program computes a (BLOCK_M, BLOCK_N) tile of y over a K range; each K step loads a
+Tiling: one program computes a (BLOCK_M, BLOCK_N) tile of y over a K range (its 1/SPLIT share);
+on CUDA tile sizes and SPLIT are autotuned per (M bucket, N, K), in the interpreter one config
+runs (it fails with two or more autotune configs). Each K step loads a
 (BLOCK_M, BLOCK_K) tile of x and the (BLOCK_K, BLOCK_N) tile of packed words it needs (each word
 loaded for the P values in it: the cache serves the repeats), unpacks with a shift and a mask,
-scales, and accumulates in fp32 with ``tl.dot``. Decode (M <= 16) splits K across SPLIT_K
+scales, and accumulates in fp32 with ``tl.dot``. Decode (M <= 16) splits K across SPLIT
 programs, each writing fp32 partial sums that the host adds: more programs for a GEMV that would
 otherwise occupy N / BLOCK_N of them.
 
@@ -81,12 +83,13 @@ def check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torc
 
 if triton is not None:
     @triton.jit
-    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP, K_PER_SPLIT,
+    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                       BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         PER: tl.constexpr = 32 // BITS
+        K_PER_SPLIT = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # program pid_k's share of K
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -112,17 +115,68 @@ if triton is not None:
         tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def launch_config(m: int, n: int, k: int, group: int) -> dict:
-    """Tile sizes and the K split: one config (the interpreter takes no autotuning), chosen by M."""
-    block_k = 32 if INTERPRET else 64
+MAX_SPLIT = 8
+
+
+def launch_config(m: int, k: int) -> dict:
+    """The one config used in the interpreter (which takes no autotuning), chosen by M."""
+    block_k = 32
     if m <= 16:  # decode: a GEMV-like tile, K split so that ~4 programs work per output block
-        block_m, block_n = 16, 64 if not INTERPRET else 32
-        split = max(1, min(8, k // (block_k * 4)))
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT": max(1, min(MAX_SPLIT, k // (block_k * 4)))}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT": 1}
+
+
+def cuda_configs() -> list:
+    """Autotuning candidates on CUDA: decode tiles with split-K, prefill tiles without."""
+    out = []
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
+            for split in (1, 2, 4, 8):
+                out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split}, num_warps=4,
+                                         num_stages=3))
+    for bm, bn in ((64, 64), (64, 128), (128, 128)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT": 1}, num_warps=8, num_stages=3))
+    return out
+
+
+def prune_by_m(configs, named_args, **kwargs):
+    """Decode tiles for M <= 16, prefill tiles above."""
+    small = named_args["M_BUCKET"] <= 16
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
+
+
+def tuned(kernel):
+    """On CUDA the kernel autotunes per (M bucket, N, K); in the interpreter it runs as is."""
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=cuda_configs(), key=["M_BUCKET", "N", "K"],
+                           prune_configs_by={"early_config_prune": prune_by_m})(kernel)
+
+
+def launch(kernel, args: tuple, m: int, n: int, k: int, device, **consts) -> torch.Tensor:
+    """Run ``kernel`` (tuned or not) on an fp32 (splits, M, N) buffer and return the summed (M, N)."""
+    bucket = 1 << max(0, (m - 1).bit_length())
+    if INTERPRET:
+        cfg = launch_config(m, k)
+        partial = torch.zeros(cfg["SPLIT"], m, n, device=device, dtype=torch.float32)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])
+        kernel[grid](*args[:4], partial, m, n, k, *args[4:5], bucket, *args[5:], partial.stride(1), partial.stride(0),
+                     **consts, **cfg)
     else:
-        block_m, block_n, split = (32, 32, 1) if INTERPRET else (64, 64, 1)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split": triton.cdiv(k, k_per_split),
-            "k_per_split": k_per_split}
+        partial = torch.empty(MAX_SPLIT, m, n, device=device, dtype=torch.float32)
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
+
+        kernel[grid](*args[:4], partial, m, n, k, *args[4:5], bucket, *args[5:], partial.stride(1), partial.stride(0),
+                     **consts)
+        # only the chosen config's splits were written by this call (tuning runs may have left others)
+        return partial[: kernel.best_config.kwargs["SPLIT"]].sum(0)
+    return partial.sum(0)
+
+
+if triton is not None:
+    _wna16_run = tuned(_wna16_kernel)
 
 
 def triton_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -134,17 +188,10 @@ def triton_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], packed.shape[0]
-    group = k // scale.shape[1]
-    cfg = launch_config(m, n, k, group)
-    partial = torch.empty(cfg["split"], m, n, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split"])
     packed, scale = packed.contiguous(), scale.contiguous()
     zero_arg = zero.contiguous() if zero is not None else scale
-    _wna16_kernel[grid](x2, packed, scale, zero_arg, partial, m, n, k, group, cfg["k_per_split"],
-                        x2.stride(0), packed.stride(0), scale.stride(0), partial.stride(1), partial.stride(0),
-                        BITS=bits, HAS_ZERO=zero is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                        BLOCK_K=cfg["BLOCK_K"])
-    y = partial.sum(0) if cfg["split"] > 1 else partial[0]
+    y = launch(_wna16_run, (x2, packed, scale, zero_arg, k // scale.shape[1], x2.stride(0), packed.stride(0),
+                            scale.stride(0)), m, n, k, x.device, BITS=bits, HAS_ZERO=zero is not None)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, n)
