@@ -12,6 +12,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+DEFAULT_RECIPE = REPO / "recipes/smollm2_distill.yaml"  # what the method benchmarks override
+# the training budget the method benchmarks share (issue 14's 150 x 1,024 tokens): equal tokens across them
+EQUAL_TOKENS = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
 
 
 def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> tuple[Path, list[str], dict]:
@@ -192,6 +195,13 @@ def arm_stats(results: dict, metrics: dict) -> dict:
             stats[a].update(seeds=sorted(by_seed), bytes=rs[0]["bytes_on_disk"],
                             teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
     return stats
+
+
+def sweep_payload(args, wall: float, arms: dict, results: dict, stats: dict, verdict: dict, **extra) -> dict:
+    """The JSON a sweep writes beside its page: arguments, arms run, every seed's result, the summary."""
+    return {"args": vars(args), "wall_seconds": wall, "arms": {a: arms[a] for a in results},
+            "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
+            "summary": stats, **extra, "verdict": verdict}
 
 
 def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, verdict: dict, wall: float,

@@ -17,12 +17,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import arm_stats, compare, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, pm, run_sweep,  # noqa: E402
+                               sweep_arguments, sweep_payload, write_results)
 from compress.tracking import format_table  # noqa: E402
 
-RECIPE = REPO / "recipes/smollm2_distill.yaml"
+RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
-TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+TRAIN = EQUAL_TOKENS
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 
@@ -62,9 +63,7 @@ def main() -> int:
     stats = arm_stats(results, METRICS)
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
-    payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
-               "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
-               "summary": stats, "verdict": verdict}
+    payload = sweep_payload(args, wall, ARMS, results, stats, verdict)
     write_results(args.tag, payload, md)
     return 0
 

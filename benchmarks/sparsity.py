@@ -20,11 +20,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (arm_stats, arms_markdown, below, compare, run_sweep, sweep_arguments,  # noqa: E402
-                               write_results)
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, below, compare,  # noqa: E402
+                               run_sweep, sweep_arguments, sweep_payload, write_results)
 
-RECIPE = REPO / "recipes/smollm2_distill.yaml"
-TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+RECIPE = DEFAULT_RECIPE
+TRAIN = EQUAL_TOKENS
 TEACHER = "{init: teacher}"
 
 
@@ -62,9 +62,7 @@ def main() -> int:
         st["sparse24_bytes"] = sparse_bytes(plans[a, st["seeds"][0]][0])
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
-    payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
-               "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
-               "summary": stats, "verdict": verdict}
+    payload = sweep_payload(args, wall, ARMS, results, stats, verdict)
     write_results(args.tag, payload, md)
     return 0
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import arm_stats, arms_markdown, compare, run_sweep, sweep_arguments, write_results  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare,  # noqa: E402
+                               run_sweep, sweep_arguments, sweep_payload, write_results)
 
-RECIPE = REPO / "recipes/smollm2_distill.yaml"
-TRAIN = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
+RECIPE = DEFAULT_RECIPE
+TRAIN = EQUAL_TOKENS
 TEACHER = "{init: teacher}"
 ARMS = {
     "dense": (TEACHER, "[{kind: finetune}]", TRAIN),
@@ -50,9 +51,7 @@ def main() -> int:
     md = arms_markdown("Upcycling SmolLM2-135M-Instruct to a 4-expert top-2 MoE vs continued dense training, held-out "
                        "Python docs", "upcycle.py", args, stats, METRICS, verdict, wall, results, notes,
                        {"total params": "total", "active params": "active"}, teacher)
-    payload = {"args": vars(args), "wall_seconds": wall, "arms": {a: ARMS[a] for a in results},
-               "per_seed": {a: {str(s): r for s, r in by.items()} for a, by in results.items()},
-               "summary": stats, "verdict": verdict}
+    payload = sweep_payload(args, wall, ARMS, results, stats, verdict)
     write_results(args.tag, payload, md)
     return 0
 

@@ -50,6 +50,13 @@ def with_model_losses(loss: torch.Tensor, logs: dict, out, module: nn.Module) ->
     return (loss if extra is None else loss + extra), {**logs, **more}
 
 
+def earlier_stage(cfg, recipe, kinds: tuple[str, ...]) -> str | None:
+    """The kind of the first stage before ``cfg`` in ``recipe`` that is one of ``kinds`` (for methods
+    that must come before others, e.g. sparsify before qat), or None."""
+    index = next(i for i, s in enumerate(recipe.stages) if s is cfg)
+    return next((s.kind for s in recipe.stages[:index] if s.kind in kinds), None)
+
+
 STAGE_METHODS: dict[str, type["StageMethod"]] = {}  # kind -> method (its config: method.config_type)
 
 

@@ -2,8 +2,6 @@
 real run (gqa -> distill) whose export is a stock HF model with fewer KV heads."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from compress.kv_heads import merge_k_weighted, merge_mean, merge_state, merge_v_weighted
 from compress.methods.gqa import query_energy
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import launch, write_recipe
 
 
 def tiny(kv=4):
@@ -72,10 +70,6 @@ def test_weighted_merges_minimise_what_they_claim():
     for eps in (1e-2, -1e-2):  # a stationary point: nudging it makes it worse
         assert k_loss(best_k) <= k_loss(best_k + eps) and v_loss(best_v) <= v_loss(best_v + eps)
 
-
-def launch(recipe, *extra):
-    return subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra],
-                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 export that plain transformers (with compressed-tensors) loads back to the same logits."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from compress.methods.qat import QuantLinear, WeightQuant, quantize_linears
 from compress.modelio import load_stage_model, save_stage_model
 from compress.quant import IntSpec, dequantize, quantize
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import launch, write_recipe
 
 
 def tiny():
@@ -36,10 +34,6 @@ def test_quant_linear_forward_uses_the_dequantized_weight_and_survives_a_stage_r
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
-
-def launch(recipe, *extra):
-    return subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra],
-                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
 
 
 @pytest.mark.slow
@@ -185,6 +179,16 @@ def test_float_and_w8a8_exports_reload_with_the_fake_quant_logits(tmp_path, weig
         assert torch.equal(back.model.layers[1].mlp.down_proj.weight.float(), ours.float())
 
 
+def assert_same_after_stage_and_export(model, ids, tmp_path):
+    """The stage round trip (our format) and the export reloaded by transformers give ``model``'s logits exactly."""
+    save_stage_model(model, tmp_path / "m")
+    back = load_stage_model(tmp_path / "m")
+    _, exported = export_and_reload(model, tmp_path)
+    with torch.no_grad():
+        for other in (back, exported):
+            torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     from compress.formats import weight_format
     from compress.gptq import gptq
@@ -219,12 +223,7 @@ def test_gptq_model_freezes_params_that_survive_the_stage_and_the_export(tmp_pat
     assert after < rtn
     q = model.model.layers[0].self_attn.q_proj
     assert q.opts["frozen"] and torch.equal(q.quantized_weight(), q.weight)
-    save_stage_model(model, tmp_path / "m")
-    back = load_stage_model(tmp_path / "m")
-    _, exported = export_and_reload(model, tmp_path)
-    with torch.no_grad():
-        for other in (back, exported):
-            torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert_same_after_stage_and_export(model, ids, tmp_path)
 
 
 def test_kv_cache_quantization_rounds_k_and_v_survives_the_stage_and_is_exported(tmp_path):
@@ -317,12 +316,7 @@ def test_learned_scales_train_match_their_export_and_survive_the_stage(tmp_path)
     assert not torch.equal(q.scale.detach(), start)
     with torch.no_grad():
         torch.testing.assert_close(forward_weight(q), q.quantized_weight(), rtol=0, atol=0)
-    save_stage_model(model, tmp_path / "m")
-    back = load_stage_model(tmp_path / "m")
-    _, exported = export_and_reload(model, tmp_path)
-    with torch.no_grad():
-        for other in (back, exported):
-            torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert_same_after_stage_and_export(model, ids, tmp_path)
 
 
 def forward_weight(layer):

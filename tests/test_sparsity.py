@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from compress.checkpoint import latest_step
 from compress.methods.sparsify import SparseLinear, SparsifyStage, sparsify
 from compress.sparsity import nm_mask, pack_24, parse_pattern, row_mask, sparsegpt, unpack_24
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import REPO, launch, launch_cmd, run_env, write_recipe
 
 
 def groups_ok(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -98,10 +97,6 @@ def test_sparsify_on_a_model_sequential_sparsegpt_beats_magnitude():
     assert errors["sparsegpt"] < errors["magnitude"], errors
 
 
-def launch(recipe, *extra):
-    return [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra]
-
-
 def sparse_recipe(path, teacher, out, **train):
     return write_recipe(path, teacher, out, student={"init": "teacher"},
                         train={"max_steps": 8, "save_every": 2, "zero_stage": 1, "precision": "bf16", "lr": 1e-2,
@@ -119,7 +114,7 @@ def masks_of(state: dict) -> dict:
 def sparse_run(tiny_teacher, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sparse")
     recipe = sparse_recipe(tmp / "r.yaml", tiny_teacher, tmp / "out")
-    p = subprocess.run(launch(recipe), capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=900)
+    p = launch(recipe, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp / "out"
 
@@ -163,7 +158,7 @@ def test_mask_holds_through_training_quantization_and_both_exports(sparse_run):
 def test_sigkill_mid_finetune_then_resume_keeps_the_mask(sparse_run, tiny_teacher, tmp_path):
     out = tmp_path / "killed"
     recipe = sparse_recipe(tmp_path / "r.yaml", tiny_teacher, out, max_steps=12)
-    proc = subprocess.Popen(launch(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
+    proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
                             cwd=REPO, start_new_session=True)
     ckpts = out / "stages/1-distill/checkpoints"
     deadline = time.time() + 400
@@ -174,7 +169,7 @@ def test_sigkill_mid_finetune_then_resume_keeps_the_mask(sparse_run, tiny_teache
     proc.wait()
     killed_at = latest_step(ckpts)
     assert killed_at and killed_at < 12
-    p = subprocess.run(launch(recipe), capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=900)
+    p = launch(recipe, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"resumed stage 1 (distill) from step {killed_at}" in p.stdout
     masks = masks_of(load_file(out / "stages/0-sparsify/model/model.safetensors"))
@@ -193,6 +188,6 @@ def test_sigkill_mid_finetune_then_resume_keeps_the_mask(sparse_run, tiny_teache
 def test_bad_sparsity_input_fails_in_one_line_before_anything_is_written(tiny_teacher, tmp_path, stages, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
                           stages=stages)
-    p = subprocess.run(launch(recipe), capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+    p = launch(recipe)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "out").exists()

@@ -2,15 +2,13 @@
 a stock Mixtral that transformers loads alone."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from compress.upcycle import moe_config, param_counts, router_losses, upcycled_state, utilization
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import launch, write_recipe
 
 
 def tiny():
@@ -67,10 +65,6 @@ def test_router_losses_are_the_load_balance_and_z_terms():
     util = utilization(moe, ids)
     assert len(util) == 2 and all(abs(sum(row) - 1) < 1e-6 for row in util)
 
-
-def launch(recipe, *extra):
-    return subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra],
-                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
 
 
 @pytest.mark.slow

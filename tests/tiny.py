@@ -62,3 +62,18 @@ def run_env() -> dict:
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def launch_cmd(recipe: Path, *extra: str) -> list[str]:
+    """The command line of a real run: launch/distill.py on ``recipe`` (plus overrides / flags)."""
+    import sys
+
+    return [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra]
+
+
+def launch(recipe: Path, *extra: str, timeout: int = 600):
+    """Run launch/distill.py to its end; the CompletedProcess (output captured as text)."""
+    import subprocess
+
+    return subprocess.run(launch_cmd(recipe, *extra), capture_output=True, text=True, env=run_env(), cwd=REPO,
+                          timeout=timeout)

@@ -22,7 +22,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.kv_heads import check_kv_heads, kv_bytes_per_token, merge_state
-from compress.stages import StageConfig, StageMethod, register
+from compress.stages import StageConfig, StageMethod, earlier_stage, register
 
 
 class GqaStage(StageConfig):
@@ -67,10 +67,9 @@ class Gqa(StageMethod):
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
-        index = next(i for i, s in enumerate(recipe.stages) if s is cfg)
-        before = [s.kind for s in recipe.stages[:index] if s.kind in ("sparsify", "qat", "quantize")]
+        before = earlier_stage(cfg, recipe, ("sparsify", "qat", "quantize"))
         if before:
-            raise CompressError(f"a gqa stage after a {before[0]} stage is not supported (its merged heads would "
+            raise CompressError(f"a gqa stage after a {before} stage is not supported (its merged heads would "
                                 "lose the mask or the rounding); convert first (gqa -> distill -> ...)")
         student = configs.get("student")
         if student is not None:

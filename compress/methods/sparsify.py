@@ -35,7 +35,7 @@ from compress.errors import CompressError
 from compress.gptq import layerwise
 from compress.modelio import register_module
 from compress.sparsity import pack_24, parse_pattern, score_mask, sparsegpt
-from compress.stages import StageConfig, StageMethod, register
+from compress.stages import StageConfig, StageMethod, earlier_stage, register
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -203,10 +203,9 @@ class Sparsify(StageMethod):
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
-        index = next(i for i, s in enumerate(recipe.stages) if s is cfg)
-        before = [s.kind for s in recipe.stages[:index] if s.kind in ("qat", "quantize")]
+        before = earlier_stage(cfg, recipe, ("qat", "quantize"))
         if before:
-            raise CompressError(f"a sparsify stage after a {before[0]} stage is not supported: the quantized "
+            raise CompressError(f"a sparsify stage after a {before} stage is not supported: the quantized "
                                 "linears would need re-rounding after pruning; sparsify first (sparsify -> "
                                 "distill -> qat)")
         model_cfg = configs.get("student")

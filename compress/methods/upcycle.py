@@ -25,7 +25,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.upcycle import check_upcycle, moe_config, param_counts, upcycled_state, utilization
-from compress.stages import StageConfig, StageMethod, register
+from compress.stages import StageConfig, StageMethod, earlier_stage, register
 
 
 class UpcycleStage(StageConfig):
@@ -47,10 +47,9 @@ class Upcycle(StageMethod):
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
-        index = next(i for i, s in enumerate(recipe.stages) if s is cfg)
-        before = [s.kind for s in recipe.stages[:index] if s.kind in ("sparsify", "qat", "quantize", "upcycle")]
+        before = earlier_stage(cfg, recipe, ("sparsify", "qat", "quantize", "upcycle"))
         if before:
-            raise CompressError(f"an upcycle stage after a {before[0]} stage is not supported; upcycle the dense "
+            raise CompressError(f"an upcycle stage after a {before} stage is not supported; upcycle the dense "
                                 "model first (upcycle -> distill -> ...)")
         check_upcycle(configs.get("student"), cfg.experts, cfg.top_k, cfg.init)
 
