@@ -141,6 +141,27 @@ def kd_loss(
 
         loss = kd_loss(student_logits, teacher_logits, kind="skew_kl", temperature=2.0, mask=m)
     """
+    per_token = kd_per_token(student_logits, teacher_logits, kind=kind, temperature=temperature, top_k=top_k,
+                             teacher_topk=teacher_topk, teacher_vocab=teacher_vocab, beta=beta, skew_alpha=skew_alpha)
+    return _masked_mean(per_token, mask) * temperature**2
+
+
+def kd_per_token(
+    student_logits: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    teacher_vocab: Optional[int] = None,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> torch.Tensor:
+    """The divergence of ``kd_loss`` at each token, unscaled: (..., V) -> (...) float32.
+
+    ``kd_loss`` is its masked mean times temperature**2; a chunked loss sums it chunk by chunk.
+    """
     if kind not in _DIVERGENCES:
         raise CompressError(f"kind={kind!r} is unknown; use one of {', '.join(KD_LOSSES)}")
     _check_temperature(temperature)
@@ -191,8 +212,7 @@ def kd_loss(
             ids, logp_k = _topk(logp, top_k)
             logp, logq = _with_rest(logp_k), _with_rest(logq.gather(-1, ids))  # (B, T, k+1)
 
-    per_token = _DIVERGENCES[kind](logp, logq, beta, skew_alpha)  # (B, T)
-    return _masked_mean(per_token, mask) * temperature**2
+    return _DIVERGENCES[kind](logp, logq, beta, skew_alpha)  # (B, T)
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

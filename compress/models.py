@@ -192,6 +192,11 @@ def check_fit(recipe) -> None:
             tok_len = len(load_tokenizer(st.path))
             if min(s_cfg.vocab_size, t_cfg.vocab_size) < tok_len:
                 raise CompressError(f"model vocab sizes ({s_cfg.vocab_size}, {t_cfg.vocab_size}) are smaller than the tokenizer ({tok_len}); the checkpoint is broken")
+    for extra in recipe.extra_teachers:  # their logits are summed id by id with the teacher's
+        try:
+            shared_vocab(load_tokenizer(recipe.teacher.source), load_tokenizer(extra.source))
+        except CompressError as e:
+            raise CompressError(f"extra_teachers: {extra.source!r}: {e}; every teacher must use the teacher's tokenizer") from None
     # each stage checks itself against the student's shape as it enters that stage
     for stage in recipe.stages:
         method = method_class(stage)

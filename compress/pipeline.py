@@ -30,7 +30,7 @@ from compress.export import bytes_on_disk, export_model
 from compress.modelio import is_stage_model, load_stage_model, rebuild, save_stage_model
 from compress.models import build_student, load_model, load_tokenizer, param_count, resolve_source
 from compress.recipe import Recipe, dump_recipe
-from compress.stages import RunContext, method_for
+from compress.stages import RunContext, method_class, method_for
 from compress.tracking import RunLogger, format_table
 
 RUN_FILES = ("stages", "final", "metrics.jsonl", "recipe.yaml", "run.json", "summary.json", "init_metrics.json",
@@ -216,6 +216,11 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
         ctx.teacher = Teacher(teacher_model, shard=recipe.teacher.shard, device=device, dtype=t_dtype,
                               micro_batch=recipe.train.micro_batch_size)
     del teacher_model
+    if any(method_class(s).distills for s in recipe.stages):
+        for extra in recipe.extra_teachers:
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(extra.dtype, auto)
+            ctx.extra_teachers.append((extra.weight, Teacher(load_model(extra.source), shard=extra.shard, device=device,
+                                                             dtype=dtype, micro_batch=recipe.train.micro_batch_size)))
     student = student.to(device)
 
     rows = []

@@ -29,6 +29,7 @@ class TeacherConfig(Strict):
     # none: a full frozen copy per rank; zero3: partitioned across ranks by an
     # inference-only DeepSpeed ZeRO-3 engine (no optimizer state, no gradients).
     shard: Literal["none", "zero3"] = "none"
+    weight: float = Field(1.0, gt=0.0)  # this teacher's share of the KD loss (with extra_teachers)
 
 
 class StudentConfig(Strict):
@@ -100,6 +101,9 @@ class Recipe(Strict):
     seed: int = 0
     plugins: list[str] = Field(default_factory=list)  # modules that register more stage kinds
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    # more teachers for distillation stages: KD = sum of weight * KD to each (same tokenizer as `teacher`);
+    # evaluation and the report compare with `teacher` alone
+    extra_teachers: list[TeacherConfig] = Field(default_factory=list)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -110,6 +110,7 @@ class RunContext:
     rank: int = 0
     world: int = 1
     teacher: Any = None  # compress.teacher.Teacher, when a stage needs one
+    extra_teachers: list = field(default_factory=list)  # (weight, Teacher) for recipe.extra_teachers
     layer_map: list[int] | None = None  # student layer i came from teacher layer layer_map[i]
     results: dict = field(default_factory=dict)  # stage index -> what a read-only stage reported
     extra: dict = field(default_factory=dict)
@@ -134,6 +135,7 @@ class StageMethod:
 
     config_type: type = StageConfig
     needs_teacher = False  # the stage reads ctx.teacher (Recipe.needs_teacher)
+    distills = False  # the stage learns from every teacher (ctx.extra_teachers are loaded for it)
     trains = True  # has a training phase on the one loop (Recipe.stage_steps)
     changes_model = True  # False for read-only stages (eval): nothing is saved for them
     results: dict | None = None  # what a read-only stage reports (eval: the eval.json dict)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.chunked_loss import head_input_captured
 from compress.models import rotary_kept_fp32
 
 
@@ -45,3 +46,15 @@ class Teacher:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self(input_ids).logits
+
+    @torch.no_grad()
+    def final_hidden(self, input_ids: torch.Tensor, hidden: bool = False):
+        """(forward output with 1-token logits, final hidden states (B, T, D)): the LM head's input,
+        for a chunked loss that applies ``head`` a few tokens at a time."""
+        with head_input_captured(self.model) as box:
+            out = self(input_ids, hidden=hidden)
+        return out, box["hidden"]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()

@@ -130,8 +130,8 @@ def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: 
         sums: dict[str, float] = {}
         for micro in range(tr.grad_accum):
             idx = rank_micro_indices(batch_ids, micro, ctx.rank, ctx.world, tr.micro_batch_size)
-            batch = ctx.data.batch(idx)
-            batch = {k: v.to(ctx.device) if k != "index" else v for k, v in batch.items()}
+            batch = {k: v.to(ctx.device) if k != "index" else v for k, v in ctx.data.batch(idx).items()}
+            batch.update(step=step, micro=micro)  # for what a method draws per batch (on-policy KD)
             loss, logs = method.loss(engine, batch)
             engine.backward(loss)
             engine.step()

@@ -77,6 +77,13 @@ BAD = {
     "missing plugin": (dict(plugins=["no_such_pkg.method"]), "plugin 'no_such_pkg.method' could not be imported"),
     "plugin kind unknown without it": (dict(stages=[{"kind": "toy_mask"}]), "unknown stage kind"),
     "bad eval task": (dict(stages=[{"kind": "eval", "tasks": ["no_such_task"]}]), "unknown lm-eval task"),
+    "on-policy lambda out of range": (dict(stages=[{"kind": "distill", "on_policy": {"lmbda": 2}}]),
+                                      "`stages.0.on_policy.lmbda`"),
+    "on-policy prompt fills the block": (dict(stages=[{"kind": "distill", "on_policy": {"prompt_tokens": 32}}]),
+                                         "leaves nothing to sample"),
+    "chunked loss under ZeRO-3": (dict(train={"zero_stage": 3}, stages=[{"kind": "distill", "chunk_tokens": 64}]),
+                                  "use train.zero_stage <= 2"),
+    "extra teacher missing": (dict(extra_teachers=[{"source": "/nonexistent/model"}]), "not found"),
 }
 
 
@@ -96,6 +103,14 @@ def test_tokenizer_mismatch(tmp_path, tiny_teacher, other_tokenizer_model, capsy
     assert main(["--recipe", str(path)]) == 2
     err = capsys.readouterr().err
     assert "tokenizers differ" in err and "teacher's tokenizer" in err
+
+
+def test_extra_teacher_with_another_tokenizer(tmp_path, tiny_teacher, other_tokenizer_model, capsys):
+    path = _bad(tmp_path, tiny_teacher, extra_teachers=[{"source": str(other_tokenizer_model), "weight": 0.5}])
+    assert main(["--recipe", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "extra_teachers" in err and "every teacher must use the teacher's tokenizer" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_override_and_missing_file(tmp_path, tiny_teacher, capsys):

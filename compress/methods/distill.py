@@ -8,13 +8,27 @@
         top_k: 64               # optional: teacher's top-k + a tail bin (memory)
         hidden_weight: 0.0      # optional: hidden-state MSE via a learned projection
         offline: {}             # optional: top-k teacher log-probs precomputed to disk
+        chunk_tokens: 1024      # optional: the loss from hidden states + LM heads, 1024 tokens at a time
+        on_policy: {lmbda: 0.5} # optional: GKD, a fraction of batches continued by the student's samples
 
-The loss is ``kd_weight * KD + ce_weight * CE + hidden_weight * MSE`` (losses in
-``compress.losses``). The teacher runs frozen under no_grad (``compress.teacher``).
+The loss is ``kd_weight * sum_i w_i KD_i + ce_weight * CE + hidden_weight * MSE`` over the teacher
+(``teacher:``, weight ``teacher.weight``) and any ``extra_teachers:`` (losses in
+``compress.losses``). Teachers run frozen under no_grad (``compress.teacher``).
+
+``chunk_tokens`` (``compress.chunked_loss``) never materializes the B×T×V logits of the student
+and a teacher together: same value and gradients as the full loss, a fraction of its memory.
+
+``on_policy`` (GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models"): with
+probability ``lmbda`` a micro batch keeps only the first ``prompt_tokens`` of each block and
+the student samples the rest (``compress.sampling``; ``source: teacher`` samples from the teacher:
+sequence-level KD); the teacher scores the sampled text in one forward and the loss covers the
+sampled positions. The draw is a function of (seed, step, micro batch), so a resumed run draws
+the same, and every rank makes the same choice (a ZeRO-3 student samples in lockstep).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,11 +36,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.chunked_loss import KDTerms, chunked_head_loss, head_input_captured, softcapped
 from compress.config import Strict
 from compress.data import sample_indices
 from compress.errors import CompressError
-from compress.losses import KD_LOSSES, ce_loss, hidden_mse, kd_loss
+from compress.losses import KD_LOSSES, hidden_mse
 from compress.offline_kd import precompute
+from compress.sampling import sample_continuations
 from compress.stages import StageConfig, StageMethod, register, with_model_losses
 
 
@@ -35,6 +51,16 @@ class OfflineKD(Strict):
 
     dir: str | None = None  # default: <output_dir>/stages/<i>-distill/teacher_topk
     shard_blocks: int = Field(64, ge=1)
+
+
+class OnPolicy(Strict):
+    """GKD: a fraction ``lmbda`` of micro batches are continuations sampled by the student (or the teacher)."""
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0)  # probability that a micro batch is sampled (GKD's λ)
+    source: Literal["student", "teacher"] = "student"  # teacher: sequence-level KD (Kim & Rush 2016)
+    prompt_tokens: int = Field(32, ge=1)  # the block's first tokens kept as the prompt; the rest is sampled
+    temperature: float = Field(1.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class DistillStage(StageConfig):
@@ -51,6 +77,8 @@ class DistillStage(StageConfig):
     hidden_weight: float = Field(0.0, ge=0.0)  # hidden-state MSE through a learned projection
     hidden_layers: list[Annotated[int, Field(ge=-1)]] = Field(default_factory=lambda: [-1])
     offline: OfflineKD | None = None  # needs top_k
+    chunk_tokens: int | None = Field(None, ge=1)  # loss over token chunks from hidden states (memory)
+    on_policy: OnPolicy | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> "DistillStage":
@@ -60,6 +88,10 @@ class DistillStage(StageConfig):
             raise ValueError("offline KD stores top-k teacher log-probs: set top_k (e.g. 64)")
         if self.offline is not None and self.hidden_weight > 0:
             raise ValueError("offline KD stores no teacher hidden states: set hidden_weight=0")
+        if self.on_policy is not None and self.offline is not None:
+            raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
+        if self.on_policy is not None and self.ce_weight > 0:
+            raise ValueError("on_policy batches have no data continuations to score CE on: set ce_weight=0")
         return self
 
 
@@ -75,6 +107,17 @@ class DistillModule(nn.Module):
         return self.student(input_ids=input_ids, output_hidden_states=output_hidden_states)
 
 
+def _inner(module: nn.Module) -> DistillModule:
+    return getattr(module, "module", module)  # under a DeepSpeed engine
+
+
+def draw(seed: int, step: int, micro: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, step, micro batch): the same on every
+    rank and after a resume."""
+    h = hashlib.sha256(f"{seed}/{step}/{micro}".encode()).digest()
+    return int.from_bytes(h[:7], "big") / 2**56
+
+
 def teacher_layer(student_layer: int, n_student: int, n_teacher: int, layer_map: list[int] | None) -> int:
     """Teacher hidden-state index matched to a student one (-1 = last: last)."""
     if student_layer < 0 or student_layer >= n_student - 1:
@@ -87,6 +130,7 @@ def teacher_layer(student_layer: int, n_student: int, n_teacher: int, layer_map:
 @register(DistillStage)
 class Distill(StageMethod):
     needs_teacher = True
+    distills = True
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
@@ -100,6 +144,12 @@ class Distill(StageMethod):
         if recipe.teacher.shard == "zero3" and cfg.offline is not None:
             raise CompressError("offline KD runs the teacher once before training; teacher.shard=zero3 is not needed "
                                 "there: set teacher.shard=none")
+        if cfg.chunk_tokens is not None and recipe.train.zero_stage == 3:
+            raise CompressError("distill.chunk_tokens needs the student's LM head whole on each rank, which ZeRO-3 "
+                                "partitions: use train.zero_stage <= 2 or drop chunk_tokens")
+        if cfg.on_policy is not None and cfg.on_policy.prompt_tokens >= recipe.data.block_size:
+            raise CompressError(f"distill.on_policy.prompt_tokens={cfg.on_policy.prompt_tokens} leaves nothing to sample "
+                                f"in blocks of data.block_size={recipe.data.block_size}; use fewer prompt tokens")
 
     def wrap(self, student: nn.Module) -> nn.Module:
         projections = None
@@ -109,7 +159,13 @@ class Distill(StageMethod):
             projections = nn.ModuleList(
                 [nn.Linear(d_s, d_t, bias=False) if d_s != d_t else nn.Identity() for _ in self.cfg.hidden_layers]
             )
-        self.cache = None
+        # (weight, Teacher, offline cache or None): the recipe's teacher first, then extra_teachers
+        w = self.cfg.kd_weight
+        self.teachers = [[w * self.ctx.recipe.teacher.weight, self.ctx.teacher, None]]
+        self.teachers += [[w * weight, t, None] for weight, t in self.ctx.extra_teachers]
+        c = self.cfg
+        self.terms = KDTerms(kind=c.loss, temperature=c.temperature, beta=c.beta, skew_alpha=c.skew_alpha,
+                             top_k=c.top_k, ce_weight=c.ce_weight)
         return DistillModule(student, projections)
 
     def prepare(self, module: nn.Module, stage_dir: Path, steps: int) -> None:
@@ -120,42 +176,103 @@ class Distill(StageMethod):
         seed = ctx.extra["stage_seed"]
         blocks = torch.cat([sample_indices(seed, s, len(ctx.data.train), gb) for s in range(steps)]).tolist()
         root = Path(self.cfg.offline.dir) if self.cfg.offline.dir else stage_dir / "teacher_topk"
-        self.cache = precompute(
-            ctx.teacher, ctx.data, blocks, root, k=self.cfg.top_k, temperature=self.cfg.temperature,
-            key_parts=[ctx.recipe.teacher.source, ctx.data.key], shard_blocks=self.cfg.offline.shard_blocks,
-            batch_size=tr.micro_batch_size, rank=ctx.rank, world=ctx.world, barrier=ctx.barrier, device=ctx.device,
-        )
+        sources = [ctx.recipe.teacher.source] + [t.source for t in ctx.recipe.extra_teachers]
+        for i, entry in enumerate(self.teachers):
+            entry[2] = precompute(
+                entry[1], ctx.data, blocks, root if i == 0 else root / f"teacher{i}", k=self.cfg.top_k,
+                temperature=self.cfg.temperature, key_parts=[sources[i], ctx.data.key],
+                shard_blocks=self.cfg.offline.shard_blocks, batch_size=tr.micro_batch_size, rank=ctx.rank,
+                world=ctx.world, barrier=ctx.barrier, device=ctx.device,
+            )
+
+    # --- on-policy batches ---
+    def _sampled(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(input ids with sampled continuations, (B, T) mask of the sampled positions), or None when
+        this micro batch stays off-policy."""
+        op, ctx = self.cfg.on_policy, self.ctx
+        if op is None or op.lmbda == 0 or draw(ctx.extra["stage_seed"], batch["step"], batch["micro"]) >= op.lmbda:
+            return None
+        x = batch["input_ids"]
+        student = _inner(module).student
+        model = student if op.source == "student" else ctx.teacher.model
+        vocab = min(student.config.vocab_size, ctx.teacher.config.vocab_size)
+        g = torch.Generator(device=x.device).manual_seed(
+            int(draw(ctx.extra["stage_seed"] + 1 + ctx.rank, batch["step"], batch["micro"]) * 2**62))
+        P = op.prompt_tokens
+        seq = sample_continuations(model, x[:, :P], x.shape[1] - P, temperature=op.temperature, top_p=op.top_p,
+                                   generator=g, vocab_size=vocab)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, P - 1:] = True  # logits at P-1 predict the first sampled token
+        return seq, mask
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        cfg, x = self.cfg, batch["input_ids"]
-        want_hidden = cfg.hidden_weight > 0
-        out = module(input_ids=x, output_hidden_states=want_hidden)
-        kd_args = dict(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.beta, skew_alpha=cfg.skew_alpha)
+        cfg, x, labels, mask = self.cfg, batch["input_ids"], batch["labels"], None
+        sampled = self._sampled(module, batch)
         logs = {}
-        if self.cache is not None:
-            ids, logprobs = self.cache.get(batch["index"], x.device)
-            kd = kd_loss(out.logits, teacher_topk=(ids, logprobs), teacher_vocab=self.cache.vocab_size, **kd_args)
+        if sampled is not None:
+            x, mask = sampled
+            logs["on_policy"] = torch.tensor(1.0)
+        elif cfg.on_policy is not None:
+            logs["on_policy"] = torch.tensor(0.0)
+        want_hidden = cfg.hidden_weight > 0
+        flat_mask = None if mask is None else mask.flatten()
+        n_mask = torch.tensor(x.numel(), device=x.device) if mask is None else mask.sum()
+        flat_labels = labels.flatten() if cfg.ce_weight > 0 else None
+        n_labels = None if flat_labels is None else (flat_labels != -100).sum()
+        self.terms.parts = {}
+        chunked = cfg.chunk_tokens is not None
+        views, t_first = self._teacher_views(x, batch, want_hidden, chunked)
+        kw = dict(mask=flat_mask, labels=flat_labels, n_mask=n_mask, n_labels=n_labels)
+        if chunked:
+            student = _inner(module).student
+            with head_input_captured(student) as box:
+                out = module(input_ids=x, output_hidden_states=want_hidden)
+            total = chunked_head_loss(box["hidden"], student.get_output_embeddings(),
+                                      lambda logits, rows: self.terms(softcapped(logits, student.config),
+                                                                      [(w, v(rows)) for w, v in views], rows, **kw),
+                                      cfg.chunk_tokens)
         else:
-            t_out = self.ctx.teacher(x, hidden=want_hidden)
-            kd = kd_loss(out.logits, t_out.logits, top_k=cfg.top_k, **kd_args)
-        total = cfg.kd_weight * kd
-        logs["kd"] = kd.detach()
-        if cfg.ce_weight > 0:
-            ce = ce_loss(out.logits, batch["labels"])
-            total = total + cfg.ce_weight * ce
-            logs["ce"] = ce.detach()
+            out = module(input_ids=x, output_hidden_states=want_hidden)
+            total = self.terms(out.logits.flatten(0, 1), [(w, v(slice(None))) for w, v in views], **kw)
+        logs.update(self.terms.parts)
         if want_hidden:
-            inner = module.module if hasattr(module, "module") else module  # DeepSpeed engine
-            n_s, n_t = len(out.hidden_states) - 1, len(t_out.hidden_states) - 1
+            inner = _inner(module)
+            n_s, n_t = len(out.hidden_states) - 1, len(t_first.hidden_states) - 1
             mse = sum(
                 hidden_mse(out.hidden_states[l + 1 if l >= 0 else n_s],
-                           t_out.hidden_states[teacher_layer(l, n_s, n_t, self.ctx.layer_map) + 1].to(out.hidden_states[0].dtype),
-                           proj=proj)
+                           t_first.hidden_states[teacher_layer(l, n_s, n_t, self.ctx.layer_map) + 1].to(out.hidden_states[0].dtype),
+                           proj=proj, mask=mask)
                 for l, proj in zip(cfg.hidden_layers, inner.projections)
             ) / len(cfg.hidden_layers)
             total = total + cfg.hidden_weight * mse
             logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
+
+    def _teacher_views(self, x: torch.Tensor, batch: dict, want_hidden: bool, chunked: bool):
+        """Per teacher (weight, rows -> kd_per_token's teacher kwargs for those flattened tokens), and the
+        first teacher's forward output (for hidden-state MSE)."""
+        views, t_first = [], None
+        for i, (weight, teacher, cache) in enumerate(self.teachers):
+            hidden = want_hidden and i == 0
+            if cache is not None:
+                ids, lp = (a.flatten(0, 1) for a in cache.get(batch["index"], x.device))
+                views.append((weight, lambda rows, ids=ids, lp=lp, V=cache.vocab_size:
+                              {"teacher_topk": (ids[rows], lp[rows]), "teacher_vocab": V}))
+            elif chunked:
+                t_out, h = teacher.final_hidden(x, hidden=hidden)
+                h = h.flatten(0, 1)
+
+                def view(rows, h=h, head=teacher.head, config=teacher.config):
+                    with torch.no_grad():
+                        return {"teacher_logits": softcapped(head(h[rows]), config)}
+                views.append((weight, view))
+            else:
+                t_out = teacher(x, hidden=hidden)
+                logits = t_out.logits.flatten(0, 1)
+                views.append((weight, lambda rows, logits=logits: {"teacher_logits": logits[rows]}))
+            if i == 0:
+                t_first = None if cache is not None else t_out
+        return views, t_first
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return module.student
