@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, arm_stats, arms_markdown, compare, mean_std,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
+from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval` for the recipe checks)
 
 K = 4
 EVAL = f"{{kind: eval, tasks: [], speculative: {{ks: [{K}], prompts: 8, prompt_tokens: 32, max_new_tokens: 48, compare_hf: false}}}}"
