@@ -188,7 +188,6 @@ def check_fit(recipe) -> None:
         resolve_source(st.path)
         s_cfg = load_config(st.path)
         if recipe.needs_teacher:
-            shared_vocab(load_tokenizer(recipe.teacher.source), load_tokenizer(st.path))
             tok_len = len(load_tokenizer(st.path))
             if min(s_cfg.vocab_size, t_cfg.vocab_size) < tok_len:
                 raise CompressError(f"model vocab sizes ({s_cfg.vocab_size}, {t_cfg.vocab_size}) are smaller than the tokenizer ({tok_len}); the checkpoint is broken")
@@ -197,6 +196,16 @@ def check_fit(recipe) -> None:
             shared_vocab(load_tokenizer(recipe.teacher.source), load_tokenizer(extra.source))
         except CompressError as e:
             raise CompressError(f"extra_teachers: {extra.source!r}: {e}; every teacher must use the teacher's tokenizer") from None
+    s_tok = student_tokenizer(recipe)
+    if s_tok is not None and recipe.needs_teacher:
+        try:
+            shared_vocab(load_tokenizer(recipe.teacher.source), s_tok)
+        except CompressError as e:
+            for i, stage in enumerate(recipe.stages):
+                if method_class(stage).needs_teacher and getattr(stage, "cross_tokenizer", None) is None:
+                    raise CompressError(f"{str(e).split(';')[0]}; stage {i} ({stage.kind}) compares the two token by "
+                                        "token: set cross_tokenizer: {method: uld} (or gold) on distill stages, and "
+                                        "run eval stages on a student with the teacher's tokenizer") from None
     # each stage checks itself against the student's shape as it enters that stage
     for stage in recipe.stages:
         method = method_class(stage)
@@ -207,9 +216,63 @@ def check_fit(recipe) -> None:
         s_cfg = method.out_config(stage, s_cfg) if s_cfg is not None else None
 
 
+def student_tokenizer(recipe):
+    """The student's own tokenizer when it may differ from the teacher's (``student.tokenizer`` or a
+    checkpoint's), else None."""
+    st = recipe.student
+    if st.tokenizer is not None:
+        from compress.cross_tokenizer import load_student_tokenizer
+
+        return load_student_tokenizer(st.tokenizer)
+    return load_tokenizer(st.path) if st.init == "checkpoint" else None
+
+
+def new_vocabulary(model: nn.Module, teacher_tok, student_tok) -> nn.Module:
+    """Rebuild ``model``'s embeddings (and untied head) for ``student_tok``'s vocabulary.
+
+    A student id whose bytes are a teacher token takes that row; any other takes the mean of the
+    rows of the teacher's tokenization of its text (the mean of all rows if it has none: special
+    tokens, byte pieces). The config's vocab size and special ids follow the new tokenizer.
+    """
+    from compress.cross_tokenizer import token_bytes, vocab_overlap
+
+    def rebuild(old: torch.Tensor) -> torch.Tensor:
+        new = old.new_empty(len(student_tok), old.shape[1])
+        fallback = old.mean(0)
+        for i, b in enumerate(token_bytes(student_tok)):
+            text = b.decode("utf-8", errors="ignore")
+            ids = teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []
+            new[i] = old[ids].mean(0) if ids else fallback
+        s_ids, t_ids = vocab_overlap(student_tok, teacher_tok)
+        new[s_ids] = old[t_ids]
+        return new
+
+    cfg = model.config
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    with torch.no_grad():
+        emb = rebuild(model.get_input_embeddings().weight.detach())
+        head = None if tied else rebuild(model.get_output_embeddings().weight.detach())
+    model.set_input_embeddings(nn.Embedding.from_pretrained(emb, freeze=False))
+    out = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype))
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    else:
+        model.get_output_embeddings().weight = nn.Parameter(head)
+    del out
+    cfg.vocab_size = len(student_tok)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg, name, getattr(student_tok, name, None))
+    return model
+
+
 def build_student(recipe, teacher: nn.Module | None, teacher_config=None) -> tuple[nn.Module, list[int] | None]:
     """The student the recipe asks for, plus its student→teacher layer map (None if unknown)."""
     st = recipe.student
+    if st.tokenizer is not None:
+        student, layer_map = build_student(recipe.model_copy(update={"student": st.model_copy(update={"tokenizer": None})}),
+                                           teacher, teacher_config)
+        return new_vocabulary(student, load_tokenizer(recipe.teacher.source), student_tokenizer(recipe)), layer_map
     if st.init == "checkpoint":
         return load_model(st.path), None
     if st.init == "drop_layers":

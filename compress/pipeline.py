@@ -28,7 +28,7 @@ from compress.checkpoint import publish_file
 from compress.errors import CompressError, GateFailure
 from compress.export import bytes_on_disk, export_model
 from compress.modelio import is_stage_model, load_stage_model, rebuild, save_stage_model
-from compress.models import build_student, load_model, load_tokenizer, param_count, resolve_source
+from compress.models import build_student, load_model, load_tokenizer, param_count, resolve_source, student_tokenizer
 from compress.recipe import Recipe, dump_recipe
 from compress.stages import RunContext, method_class, method_for
 from compress.tracking import RunLogger, format_table
@@ -201,12 +201,14 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
     barrier()
     torch.manual_seed(recipe.seed)
 
-    tokenizer = load_tokenizer(recipe.teacher.source if recipe.student.init != "checkpoint" else recipe.student.path)
+    tokenizer = student_tokenizer(recipe) or load_tokenizer(recipe.teacher.source)
     data = prepare_data(recipe.data, tokenizer, is_main, barrier)
     run_id = json.loads((out / "run.json").read_text())["wandb_id"]
     logger = RunLogger(str(out), recipe.wandb, recipe.model_dump(mode="json"), is_main, run_id=run_id)
     ctx = RunContext(recipe=recipe, output_dir=out, tokenizer=tokenizer, data=data, logger=logger,
                      device=device, rank=rank, world=world)
+    if recipe.needs_teacher and tokenizer.get_vocab() != (t_tok := load_tokenizer(recipe.teacher.source)).get_vocab():
+        ctx.teacher_tokenizer = t_tok  # cross-tokenizer KD (check_fit made every teacher-reading stage ready for it)
 
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(recipe.teacher.dtype, auto)
@@ -273,7 +275,7 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
             method_for(stage, ctx, i, out / "stages" / f"{i}-{stage.kind}").export(student, out / "final")
         rows.append({"model": "student (final)", "params": summary["student_params"],
                      "bytes_on_disk": bytes_on_disk(out / "final"), **final})
-        if ctx.teacher is not None:
+        if "teacher_ppl" in final:
             rows[0].update(student_ppl=final["teacher_ppl"], ppl_ratio=1.0, top1_agreement=1.0, kl=0.0,
                            bytes_on_disk=rows[0]["params"] * t_dtype.itemsize)
         summary["table"] = rows

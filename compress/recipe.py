@@ -41,6 +41,10 @@ class StudentConfig(Strict):
     keep_layers: list[Annotated[int, Field(ge=0)]] | None = None  # explicit, overrides keep_every
     config: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
+    # another tokenizer for the student (e.g. mistral-7b-v0.1, or a local HF folder / .gguf): its
+    # embeddings and head are rebuilt for that vocabulary (compress.models.new_vocabulary) and the
+    # data is tokenized with it; distill stages then need cross_tokenizer (ULD / GOLD)
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _init_needs(self) -> "StudentConfig":
@@ -48,6 +52,9 @@ class StudentConfig(Strict):
             raise ValueError("student.init=checkpoint needs student.path (a local HF model directory)")
         if self.init == "config" and not self.config:
             raise ValueError("student.init=config needs student.config, e.g. {num_hidden_layers: 6}")
+        if self.tokenizer is not None and self.init == "checkpoint":
+            raise ValueError("student.tokenizer rebuilds a vocabulary for a student made from the teacher; a "
+                             "checkpoint student already has its own tokenizer: drop student.tokenizer")
         if self.keep_layers is not None and len(set(self.keep_layers)) != len(self.keep_layers):
             raise ValueError("student.keep_layers has repeated layer indices; list each layer once")
         return self

@@ -111,6 +111,7 @@ class RunContext:
     world: int = 1
     teacher: Any = None  # compress.teacher.Teacher, when a stage needs one
     extra_teachers: list = field(default_factory=list)  # (weight, Teacher) for recipe.extra_teachers
+    teacher_tokenizer: Any = None  # set only when it differs from ``tokenizer`` (the student's): cross-tokenizer KD
     layer_map: list[int] | None = None  # student layer i came from teacher layer layer_map[i]
     results: dict = field(default_factory=dict)  # stage index -> what a read-only stage reported
     extra: dict = field(default_factory=dict)

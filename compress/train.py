@@ -84,7 +84,8 @@ def evaluate(ctx: RunContext, student_logits) -> dict:
     tr = ctx.recipe.train
     blocks = ctx.data.val[: tr.eval_blocks]
     kw = dict(batch_size=tr.micro_batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device)
-    teacher = ctx.teacher.logits if ctx.teacher is not None else None
+    # token-by-token comparisons need one vocabulary: across tokenizers only the student's own metrics
+    teacher = ctx.teacher.logits if ctx.teacher is not None and ctx.teacher_tokenizer is None else None
     return pair_metrics(student_logits, teacher, blocks, **kw)
 
 

@@ -32,4 +32,16 @@ if [ ! -d "$DOC/usr/share/doc/python3.11/html/_sources" ] && [ ! -d /usr/share/d
   dpkg -x .cache/deb/python3.11-doc_*.deb "$DOC"
   rm -rf .cache/deb
 fi
+# A real tokenizer of another model family, for cross-tokenizer KD tests and recipes: Mistral-7B-v0.1's
+# SentencePiece model (32,000 ids) from the mistral-common wheel (Apache-2.0). Extracted, not installed:
+# installed without its dependencies it makes transformers route Mistral tokenizers to it and fail.
+TOK=.cache/tokenizers/mistral-7b-v0.1.model
+if [ ! -f "$TOK" ]; then
+  d=$(mktemp -d)
+  pip download -q --no-deps --only-binary :all: mistral-common==1.13.1 -d "$d"
+  mkdir -p .cache/tokenizers
+  python -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('mistral_common/data/tokenizer.model.v1'))" \
+    "$d"/mistral_common-1.13.1-py3-none-any.whl "$TOK"
+  rm -rf "$d"
+fi
 echo "setup done: $(python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "| transformers", v("transformers"), "| deepspeed", v("deepspeed"))')"

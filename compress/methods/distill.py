@@ -10,6 +10,7 @@
         offline: {}             # optional: top-k teacher log-probs precomputed to disk
         chunk_tokens: 1024      # optional: the loss from hidden states + LM heads, 1024 tokens at a time
         on_policy: {lmbda: 0.5} # optional: GKD, a fraction of batches continued by the student's samples
+        cross_tokenizer: {method: uld}  # a student with another tokenizer (student.tokenizer): ULD or GOLD
 
 The loss is ``kd_weight * sum_i w_i KD_i + ce_weight * CE + hidden_weight * MSE`` over the teacher
 (``teacher:``, weight ``teacher.weight``) and any ``extra_teachers:`` (losses in
@@ -24,6 +25,11 @@ the student samples the rest (``compress.sampling``; ``source: teacher`` samples
 sequence-level KD); the teacher scores the sampled text in one forward and the loss covers the
 sampled positions. The draw is a function of (seed, step, micro batch), so a resumed run draws
 the same, and every rank makes the same choice (a ZeRO-3 student samples in lockstep).
+
+``cross_tokenizer``: each student block is decoded and re-tokenized by the teacher
+(``compress.cross_tokenizer.align_batch``); the loss compares the two models' next-token
+distributions at the positions where a student and a teacher token end at the same byte, with ULD
+(Boizard et al. 2024) or GOLD-style exact matching of the shared ids plus ULD on the rest.
 """
 
 from __future__ import annotations
@@ -63,6 +69,15 @@ class OnPolicy(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class CrossTokenizer(Strict):
+    """KD between a teacher and a student with different tokenizers (``compress.cross_tokenizer``)."""
+
+    # uld: sorted-probability L1 over all ids (Boizard et al. 2024); gold: forward KL on the ids both
+    # vocabularies share (same bytes) + ULD on the rest (TRL's GOLD idea)
+    method: Literal["uld", "gold"] = "uld"
+    top_k: int | None = Field(None, ge=1)  # ULD over the k largest probabilities each side + the rest's mass
+
+
 class DistillStage(StageConfig):
     """Knowledge distillation (Hinton et al. 2015) with a choice of divergence."""
 
@@ -79,6 +94,7 @@ class DistillStage(StageConfig):
     offline: OfflineKD | None = None  # needs top_k
     chunk_tokens: int | None = Field(None, ge=1)  # loss over token chunks from hidden states (memory)
     on_policy: OnPolicy | None = None
+    cross_tokenizer: CrossTokenizer | None = None  # needed when student.tokenizer differs from the teacher's
 
     @model_validator(mode="after")
     def _weights(self) -> "DistillStage":
@@ -90,6 +106,12 @@ class DistillStage(StageConfig):
             raise ValueError("offline KD stores no teacher hidden states: set hidden_weight=0")
         if self.on_policy is not None and self.offline is not None:
             raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
+        if self.cross_tokenizer is not None:
+            other = [k for k, v in (("chunk_tokens", self.chunk_tokens), ("offline", self.offline),
+                                    ("on_policy", self.on_policy), ("top_k", self.top_k)) if v is not None]
+            if other or self.hidden_weight > 0:
+                raise ValueError(f"cross_tokenizer aligns two tokenizations and cannot be combined with "
+                                 f"{other or ['hidden_weight']} yet; drop those")
         if self.on_policy is not None and self.ce_weight > 0:
             raise ValueError("on_policy batches have no data continuations to score CE on: set ce_weight=0")
         return self
@@ -205,7 +227,37 @@ class Distill(StageMethod):
         mask[:, P - 1:] = True  # logits at P-1 predict the first sampled token
         return seq, mask
 
+    def _cross_tokenizer_loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """ULD / GOLD on the positions where student and teacher tokens end at the same byte."""
+        from compress.cross_tokenizer import align_batch, aligned_logits, gold_loss, uld_loss, vocab_overlap
+
+        cfg, ctx, x = self.cfg, self.ctx, batch["input_ids"]
+        s_tok, t_tok = ctx.tokenizer, ctx.teacher_tokenizer or ctx.tokenizer
+        if cfg.cross_tokenizer.method == "gold" and not hasattr(self, "overlap"):
+            self.overlap = tuple(t.to(x.device) for t in vocab_overlap(s_tok, t_tok))
+        al = align_batch(x.cpu(), s_tok, t_tok)
+        al = {k: v.to(x.device) for k, v in al.items()}
+        out = module(input_ids=x)
+        total, logs = 0.0, {}
+        for i, (weight, teacher, _) in enumerate(self.teachers):
+            zs, zt = aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al)
+            if cfg.cross_tokenizer.method == "uld":
+                term = uld_loss(zs, zt, temperature=cfg.temperature, top_k=cfg.cross_tokenizer.top_k)
+            else:
+                term = gold_loss(zs, zt, self.overlap, temperature=cfg.temperature, top_k=cfg.cross_tokenizer.top_k)
+            term = term * cfg.temperature**2
+            logs[f"kd{i if len(self.teachers) > 1 else ''}"] = term.detach()
+            total = total + weight * term
+        logs["aligned_fraction"] = al["pair_mask"].sum().float().detach() / x.numel()
+        if cfg.ce_weight > 0:
+            ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten())
+            total = total + cfg.ce_weight * ce
+            logs["ce"] = ce.detach()
+        return with_model_losses(total, logs, out, module)
+
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.cfg.cross_tokenizer is not None:
+            return self._cross_tokenizer_loss(module, batch)
         cfg, x, labels, mask = self.cfg, batch["input_ids"], batch["labels"], None
         sampled = self._sampled(module, batch)
         logs = {}

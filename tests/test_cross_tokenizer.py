@@ -1,0 +1,416 @@
+"""compress.cross_tokenizer: ULD / GOLD against references written out by hand, and alignment on the
+real SmolLM2 (teacher, byte-level BPE) and Mistral-7B-v0.1 (student, SentencePiece) tokenizers."""
+
+import numpy as np
+import pytest
+import torch
+
+from compress import cross_tokenizer as ct
+from compress.cross_tokenizer import (align_batch, align_positions, aligned_logits, gold_loss, load_student_tokenizer,
+                                      sorted_l1, text_spans, token_bytes, uld_loss, vocab_overlap)
+from compress.errors import CompressError
+from compress.models import load_tokenizer
+
+torch.manual_seed(0)
+
+TEXT = (
+    "Héllo wörld! The café served crème brûlée; naïve coöperation, 1234.5678 and 日本語のテキスト ☃ 🤗🤗.\n\n"
+    "def fibonacci(n: int) -> int:\n"
+    "    if n < 2:\n\t\treturn n   # tabs, then    spaces\n"
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n\n"
+    "   Leading spaces, trailing spaces   \n"
+    "Ünïcödé: Ελληνικά, русский, عربى, emoji 👩‍👩‍👧 and a URL https://example.org/a?b=c&d=e#f.\n"
+    "The quick brown fox jumps over the lazy dog. Ünterminated <s> and </s> and <|im_end|> as plain text."
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_tok():
+    from compress.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def student_tok():
+    return load_student_tokenizer("mistral-7b-v0.1")
+
+
+# ---- ULD ----------------------------------------------------------------------------------------
+
+def ref_uld(zs, zt, temperature, mask=None):
+    """Per the paper, with explicit Python loops in float64: sort each distribution, pad, L1."""
+    zs, zt = zs.detach().double().numpy(), zt.detach().double().numpy()
+    rows = []
+    for a, b in zip(zs, zt):
+        pa, pb = np.exp(a / temperature - np.max(a / temperature)), np.exp(b / temperature - np.max(b / temperature))
+        pa, pb = sorted(pa / pa.sum(), reverse=True), sorted(pb / pb.sum(), reverse=True)
+        n = max(len(pa), len(pb))
+        pa, pb = pa + [0.0] * (n - len(pa)), pb + [0.0] * (n - len(pb))
+        rows.append(sum(abs(x - y) for x, y in zip(pa, pb)))
+    w = np.ones(len(rows)) if mask is None else mask.numpy().astype(float)
+    return float((np.array(rows) * w).sum() / w.sum())
+
+
+@pytest.mark.parametrize("vs,vt", [(37, 53), (64, 64), (50, 9)])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_uld_matches_loop_reference_and_has_gradients(vs, vt, temperature):
+    zs = (torch.randn(7, vs) * 3).requires_grad_()
+    zt = torch.randn(7, vt) * 3
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    loss = uld_loss(zs, zt, temperature=temperature, mask=mask)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_uld(zs, zt, temperature, mask), abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(zs.grad).all()
+    assert zs.grad[~mask].abs().max() == 0 and zs.grad[mask].abs().sum(-1).min() > 0
+    # the same gradient from a float64 form that gathers by argsort instead of sorting values
+    z = zs.detach().double().requires_grad_()
+    ps, pt = torch.softmax(z / temperature, -1), torch.softmax(zt.double() / temperature, -1)
+    ss, st = ps.gather(-1, ps.argsort(-1, descending=True)), pt.sort(-1, descending=True).values
+    pad = max(vs, vt)
+    ss, st = torch.nn.functional.pad(ss, (0, pad - vs)), torch.nn.functional.pad(st, (0, pad - vt))
+    ((ss - st).abs().sum(-1)[mask].mean()).backward()
+    torch.testing.assert_close(zs.grad.double(), z.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_uld_zero_iff_sorted_distributions_equal():
+    z = torch.randn(5, 41)
+    perm = torch.randperm(41)
+    assert uld_loss(z, z).item() == pytest.approx(0, abs=1e-7)
+    assert uld_loss(z, z[:, perm]).item() == pytest.approx(0, abs=1e-6)  # another vocabulary order: still 0
+    padded = torch.cat([z, torch.full((5, 3), -1e4)], -1)  # extra ids with zero probability: still 0
+    assert uld_loss(z, padded).item() == pytest.approx(0, abs=1e-6)
+    other = z.clone()
+    other[:, 0] += 0.5  # a different multiset of probabilities
+    assert uld_loss(z, other[:, perm]).item() > 1e-3
+
+
+def test_uld_top_k_is_exact_when_wide_and_a_lower_bound_when_narrow():
+    zs, zt = torch.randn(6, 40) * 2, torch.randn(6, 70) * 2
+    exact = uld_loss(zs, zt)
+    assert uld_loss(zs, zt, top_k=70).item() == pytest.approx(exact.item(), abs=1e-7)
+    for k in (1, 5, 39):
+        assert uld_loss(zs, zt, top_k=k).item() <= exact.item() + 1e-6
+    # a sharp student against a flat teacher: the student's sorted tail is everywhere below the
+    # teacher's, so |tail mass difference| is the exact tail sum and top-k is exact too
+    sharp, flat = torch.zeros(2, 30), torch.zeros(2, 30)
+    sharp[:, 0] = 8.0
+    assert uld_loss(sharp, flat, top_k=4).item() == pytest.approx(uld_loss(sharp, flat).item(), abs=1e-6)
+
+
+def test_sorted_l1_pads_the_shorter_side():
+    ps = torch.tensor([[0.5, 0.3, 0.2]])
+    pt = torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1]])
+    # sorted: [.5,.3,.2,0,0] vs [.6,.1,.1,.1,.1] -> .1+.2+.1+.1+.1
+    assert sorted_l1(ps, pt).item() == pytest.approx(0.6, abs=1e-7)
+
+
+# ---- GOLD ---------------------------------------------------------------------------------------
+
+def ref_forward_kl(zs, zt, temperature):
+    p, q = torch.softmax(zt.double() / temperature, -1), torch.softmax(zs.double() / temperature, -1)
+    return (p * (p.log() - q.log())).sum(-1).mean().item()
+
+
+def test_gold_is_forward_kl_for_identical_full_vocabularies(teacher_tok):
+    s_ids, t_ids = vocab_overlap(teacher_tok, teacher_tok, include_special=True)
+    V = len(teacher_tok)
+    assert torch.equal(s_ids, torch.arange(V)) and torch.equal(t_ids, torch.arange(V))
+    zs, zt = torch.randn(3, V) * 2, torch.randn(3, V) * 2
+    got = gold_loss(zs, zt, (s_ids, t_ids), temperature=1.5, rest_weight=7.0)  # no rest: its weight is moot
+    assert got.item() == pytest.approx(ref_forward_kl(zs, zt, 1.5), rel=1e-4)
+
+
+def test_gold_partial_overlap_matches_reference():
+    Vs, Vt = 12, 15
+    zs, zt = (torch.randn(4, Vs) * 2).requires_grad_(), torch.randn(4, Vt) * 2
+    s_ids, t_ids = torch.tensor([0, 3, 4, 9, 11]), torch.tensor([14, 2, 0, 5, 7])
+    got = gold_loss(zs, zt, (s_ids, t_ids), temperature=2.0, match_weight=0.7, rest_weight=0.4)
+    got.backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0
+    want = 0.0
+    for a, b in zip(zs.detach().double() / 2.0, zt.double() / 2.0):
+        qa, qb = torch.softmax(a[s_ids], -1), torch.softmax(b[t_ids], -1)
+        kl = sum(qb[i] * (qb[i].log() - qa[i].log()) for i in range(len(s_ids)))
+        pa, pb = torch.softmax(a, -1).tolist(), torch.softmax(b, -1).tolist()
+        ra = [pa[i] for i in range(Vs) if i not in s_ids.tolist()]
+        rb = [pb[i] for i in range(Vt) if i not in t_ids.tolist()]
+        want += 0.7 * kl.item() + 0.4 * ref_uld_probs(ra, rb)
+    assert got.item() == pytest.approx(want / 4, abs=1e-5)
+
+
+def ref_uld_probs(pa, pb):
+    pa, pb = sorted(pa, reverse=True), sorted(pb, reverse=True)
+    n = max(len(pa), len(pb))
+    return sum(abs(x - y) for x, y in zip(pa + [0.0] * (n - len(pa)), pb + [0.0] * (n - len(pb))))
+
+
+def test_gold_zero_when_teacher_is_the_student_under_the_id_map():
+    zs = torch.randn(3, 20)
+    perm = torch.randperm(20)
+    zt = torch.empty_like(zs)
+    zt[:, perm] = zs  # teacher id perm[i] is student id i
+    assert gold_loss(zs, zt, (torch.arange(20), perm)).item() == pytest.approx(0, abs=1e-6)
+
+
+# ---- tokenizers: bytes, alignment, overlap ------------------------------------------------------
+
+def test_student_tokenizer_is_sentencepiece_exact(student_tok):
+    # ids from sentencepiece 0.2.3 on the same model file (the package is not a dependency)
+    text = "Héllo wörld!  def f(x):\n\treturn x  # 日本語 ☃ 🤗"
+    assert student_tok(text, add_special_tokens=False)["input_ids"] == [
+        382, 28797, 584, 28709, 275, 2024, 417, 28808, 28705, 801, 285, 28732, 28744, 1329, 13, 12, 807, 1318,
+        28705, 422, 28705, 29142, 29119, 30321, 28705, 31666, 28705, 243, 162, 167, 154]
+    assert student_tok("  two leading spaces", add_special_tokens=False)["input_ids"] == [259, 989, 5374, 10599]
+    assert len(student_tok) == 32000 and student_tok.eos_token == "</s>"
+
+
+def test_student_tokenizer_file_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(ct, "TOKENIZER_DIR", tmp_path)
+    with pytest.raises(CompressError, match="setup.sh"):
+        load_student_tokenizer("mistral-7b-v0.1")
+    (tmp_path / "mistral-7b-v0.1.model").write_bytes(b"not a model")
+    with pytest.raises(CompressError, match="sha256"):
+        load_student_tokenizer("mistral-7b-v0.1")
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_token_bytes_rebuild_the_text(side, student_tok, teacher_tok):
+    tok = student_tok if side == "student" else teacher_tok
+    ids = tok(TEXT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    stream = b"".join(token_bytes(tok)[i] for i in ids)
+    assert stream in (TEXT.encode(), b" " + TEXT.encode())  # SentencePiece adds one dummy-prefix space
+    assert stream.decode().lstrip(" ") == tok.decode(ids).lstrip(" ")
+
+
+def test_hand_checked_alignment(student_tok, teacher_tok):
+    text = "Héllo wörld"
+    s_ids, t_ids, s_pos, t_pos = align_positions(text, student_tok, teacher_tok)
+    assert student_tok.convert_ids_to_tokens(s_ids.tolist()) == ["▁H", "é", "ll", "o", "▁w", "ör", "ld"]
+    assert teacher_tok.convert_ids_to_tokens(t_ids.tolist()) == ["H", "Ã©", "llo", "Ġw", "Ã¶r", "ld"]
+    # byte ends: student 1,3,5,6,8,11,13; teacher 1,3,6,8,11,13 -> 'll' (ends at 5) has no partner
+    assert s_pos.tolist() == [0, 1, 3, 4, 5, 6] and t_pos.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def _byte_ends(tok, text):
+    """Ends from the tokenizer's own char offsets (independent of token_bytes); None inside a character."""
+    enc = tok(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    data = text.encode()
+    ends = [len(text[:e].encode()) for _, e in enc["offset_mapping"]]
+    return enc["input_ids"], ends, data
+
+
+def test_alignment_on_real_text_pairs_end_at_the_same_offset(student_tok, teacher_tok):
+    s_ids, t_ids, s_pos, t_pos = align_positions(TEXT, student_tok, teacher_tok)
+    sb, tb = token_bytes(student_tok), token_bytes(teacher_tok)
+    s_stream = [b"".join(sb[i] for i in s_ids[: k + 1].tolist()).removeprefix(b" ") for k in range(len(s_ids))]
+    t_stream = [b"".join(tb[i] for i in t_ids[: k + 1].tolist()) for k in range(len(t_ids))]
+    for s, t in zip(s_pos.tolist(), t_pos.tolist()):
+        assert s_stream[s] == t_stream[t]  # the same text precedes both predictions
+    # against the tokenizers' own offsets, where a pair ends between characters
+    _, s_off, data = _byte_ends(student_tok, TEXT)
+    _, t_off, _ = _byte_ends(teacher_tok, TEXT)
+    checked = 0
+    for s, t in zip(s_pos.tolist(), t_pos.tolist()):
+        end = len(t_stream[t])
+        if data[end:end + 1] and data[end] & 0xC0 == 0x80:
+            continue  # inside a character: char offsets cannot say
+        assert s_off[s] == t_off[t] == end
+        checked += 1
+    # complete: every byte where both have a token boundary is paired
+    s_ends = {len(x) for x in s_stream}
+    t_ends = {len(x) for x in t_stream}
+    assert len(s_pos) == len((s_ends & t_ends) - {0})
+    assert checked > 0.8 * len(s_pos) and len(s_pos) > 0.6 * len(s_ids)
+    # mid-character pairs exist too (both split the 4-byte emoji into bytes)
+    assert any(data[len(t_stream[t]):][:1] and data[len(t_stream[t])] & 0xC0 == 0x80 for t in t_pos.tolist())
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_identical_tokenizers_align_every_position(side, student_tok, teacher_tok):
+    tok = student_tok if side == "student" else teacher_tok
+    s_ids, t_ids, s_pos, t_pos = align_positions(TEXT, tok, tok)
+    assert torch.equal(s_ids, t_ids)
+    assert s_pos.tolist() == t_pos.tolist() == list(range(len(s_ids)))
+
+
+def test_align_positions_truncates_the_teacher_to_the_student_block(student_tok, teacher_tok):
+    s_ids, t_ids, s_pos, t_pos = align_positions(TEXT, student_tok, teacher_tok, max_student_len=20)
+    sb, tb = token_bytes(student_tok), token_bytes(teacher_tok)
+    covered = len(b"".join(sb[i] for i in s_ids.tolist())) - 1  # minus the dummy prefix
+    assert len(s_ids) == 20 and len(b"".join(tb[i] for i in t_ids.tolist())) <= covered
+    assert s_pos.max() == 19 or t_pos.max() == len(t_ids) - 1
+
+
+def _student_block(tok, T, B):
+    docs = TEXT.split("\n\n")
+    ids = []
+    for d in docs:
+        ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = ids[3 : 3 + B * T]  # start mid-document
+    return torch.tensor(ids).view(B, T)
+
+
+def test_align_batch_pairs_see_the_same_continuation(student_tok, teacher_tok):
+    ids = _student_block(student_tok, T=24, B=4)
+    out = align_batch(ids, student_tok, teacher_tok)
+    sb, tb = token_bytes(student_tok), token_bytes(teacher_tok)
+    SEP = b"\xff"  # never in UTF-8 text: stands for a special token on either side
+
+    def stream(table, row, eos):
+        return [SEP if i == eos else table[i] for i in row]
+
+    assert out["teacher_ids"].shape[0] == 4 and out["s_pos"].shape == out["pair_mask"].shape
+    for b in range(4):
+        n_t = int(out["teacher_mask"][b].sum())
+        assert out["teacher_mask"][b, :n_t].all() and not out["teacher_mask"][b, n_t:].any()
+        assert (out["teacher_ids"][b, n_t:] == teacher_tok.pad_token_id).all()
+        s = stream(sb, ids[b].tolist(), student_tok.eos_token_id)
+        t = stream(tb, out["teacher_ids"][b, :n_t].tolist(), teacher_tok.eos_token_id)
+        pairs = out["pair_mask"][b]
+        assert pairs.sum() > 0.6 * ids.shape[1]
+        for sp, tp in zip(out["s_pos"][b][pairs].tolist(), out["t_pos"][b][pairs].tolist()):
+            s_rest, t_rest = b"".join(s[sp + 1 :]), b"".join(t[tp + 1 :])
+            assert s_rest.startswith(t_rest) and len(s_rest) - len(t_rest) <= 3  # a cut character at most
+            assert (s[sp] == SEP) == (t[tp] == SEP)  # a separator pairs with the teacher's EOS
+    with pytest.raises(CompressError, match="B, T"):
+        align_batch(ids[0], student_tok, teacher_tok)
+    cut = align_batch(ids, student_tok, teacher_tok, max_teacher_len=10)
+    assert cut["teacher_ids"].shape[1] == 10 and (cut["t_pos"][cut["pair_mask"]] < 10).all()
+
+
+def test_align_batch_byte_level_student_cut_inside_characters(teacher_tok, student_tok):
+    # SmolLM2 as the student: the row edges fall inside multi-byte characters; those bytes are trimmed
+    ids = teacher_tok("日本語のテキスト ☃ 🤗 done", add_special_tokens=False)["input_ids"]
+    row = torch.tensor(ids[1:-1])[None]
+    assert token_bytes(teacher_tok)[ids[1]][0] & 0xC0 == 0x80  # really starts mid-character
+    out = align_batch(row, teacher_tok, student_tok)
+    assert out["pair_mask"].sum() >= 5
+    zs, zt = aligned_logits(torch.randn(1, row.shape[1], 7), torch.randn(1, out["teacher_ids"].shape[1], 5), out)
+    assert zs.shape == (int(out["pair_mask"].sum()), 7) and zt.shape == (zs.shape[0], 5)
+
+
+def test_aligned_logits_gathers_the_paired_rows():
+    batch = {"s_pos": torch.tensor([[0, 2], [1, 0]]), "t_pos": torch.tensor([[1, 3], [0, 0]]),
+             "pair_mask": torch.tensor([[True, True], [True, False]])}
+    zs = torch.arange(2 * 3).float().view(2, 3, 1).expand(2, 3, 4)
+    zt = torch.arange(2 * 4).float().view(2, 4, 1).expand(2, 4, 2)
+    a, b = aligned_logits(zs, zt, batch)
+    assert a[:, 0].tolist() == [0, 2, 4] and b[:, 0].tolist() == [1, 3, 4]
+
+
+def test_vocab_overlap_on_the_real_pair(student_tok, teacher_tok):
+    s_ids, t_ids = vocab_overlap(student_tok, teacher_tok)
+    assert len(s_ids) > 15000  # 21,755 for Mistral-7B-v0.1 x SmolLM2
+    assert len(set(s_ids.tolist())) == len(s_ids) and len(set(t_ids.tolist())) == len(t_ids)
+    s_tok, t_tok = student_tok.convert_ids_to_tokens, teacher_tok.convert_ids_to_tokens
+    pairs = dict(zip(s_tok(s_ids.tolist()), t_tok(t_ids.tolist())))
+    assert pairs["▁the"] == "Ġthe" and pairs["<0x0A>"] == "Ċ" and pairs["</s>"] == "<|im_end|>"
+    for s, t in zip(s_ids.tolist(), t_ids.tolist()):
+        if s == student_tok.eos_token_id:
+            continue
+        a, b = student_tok.decode([s]), teacher_tok.decode([t])  # SentencePiece drops a leading space
+        assert b == a or (b == " " + a and s_tok(s).startswith("▁")), (s_tok(s), t_tok(t))
+
+
+def test_text_spans_fall_back_to_offsets_when_the_normalizer_changes_text(student_tok):
+    from tokenizers import normalizers
+
+    nfc = load_student_tokenizer("mistral-7b-v0.1")
+    nfc.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), nfc.backend_tokenizer.normalizer])
+    text = "un cafe\u0301 noir"  # 'e' + combining acute: NFC makes it one character, so the bytes differ
+    ids, ends = text_spans(nfc, text)
+    assert b"".join(token_bytes(nfc)[i] for i in ids) != b" " + text.encode()
+    data = text.encode()
+    assert ends[-1] == len(data) and ends == sorted(ends)
+    assert nfc.convert_ids_to_tokens(ids) == ["▁un", "▁café", "▁no", "ir"]
+    # '▁café' ends after the combining accent, which no token's char offsets cover
+    assert [data[:e].decode() for e in ends] == ["un", "un cafe\u0301", "un cafe\u0301 no", text]
+    assert text_spans(student_tok, "un café noir")[1][-1] == len("un café noir".encode())  # NFC text: exact path
+
+
+def test_bad_shapes_raise_compress_error():
+    z = torch.randn(4, 10)
+    with pytest.raises(CompressError, match="leading dims"):
+        uld_loss(z, torch.randn(5, 10))
+    with pytest.raises(CompressError, match="mask"):
+        uld_loss(z, z, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(CompressError, match="temperature"):
+        uld_loss(z, z, temperature=0)
+    with pytest.raises(CompressError, match="overlap"):
+        gold_loss(z, z, (torch.tensor([0, 1]), torch.tensor([0])))
+    with pytest.raises(CompressError, match="exceed"):
+        gold_loss(z, z, (torch.tensor([0, 10]), torch.tensor([0, 1])))
+    with pytest.raises(CompressError, match="aligned_logits"):
+        aligned_logits(z, z, {"s_pos": torch.zeros(1, 1, dtype=torch.long), "t_pos": torch.zeros(1, 1, dtype=torch.long),
+                              "pair_mask": torch.ones(1, 1, dtype=torch.bool)})
+
+
+# ---- the distill stage across tokenizers (student.tokenizer + distill.cross_tokenizer) -------------
+
+def test_new_vocabulary_copies_shared_rows_and_ties_the_head(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    from compress.models import new_vocabulary
+
+    t_tok = load_tokenizer(str(tiny_teacher))
+    s_tok = load_student_tokenizer("mistral-7b-v0.1")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    old = teacher.get_input_embeddings().weight.detach().clone()
+    student = new_vocabulary(AutoModelForCausalLM.from_pretrained(tiny_teacher), t_tok, s_tok)
+    emb = student.get_input_embeddings().weight
+    assert emb.shape == (32000, old.shape[1]) and student.config.vocab_size == 32000
+    assert student.get_output_embeddings().weight is emb  # tied, as the teacher's
+    assert student.config.eos_token_id == s_tok.eos_token_id
+    s_ids, t_ids = vocab_overlap(s_tok, t_tok)
+    assert torch.equal(emb[s_ids], old[t_ids])
+    the = s_tok.convert_tokens_to_ids("▁the")
+    assert torch.equal(emb[the], old[t_tok.convert_tokens_to_ids("Ġthe")])
+    x = torch.tensor([s_tok("def f(x): return x", add_special_tokens=False)["input_ids"]])
+    assert student(input_ids=x).logits.shape == (1, x.shape[1], 32000)
+
+
+def test_a_tokenizer_mismatch_needs_cross_tokenizer_on_every_teacher_stage(tiny_teacher, tmp_path):
+    from compress.errors import CompressError
+    from compress.models import check_fit
+    from compress.recipe import load_recipe
+    from tests.tiny import write_recipe
+
+    def fit(stages):
+        check_fit(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "o", stages=stages,
+                                           student={"init": "drop_layers", "tokenizer": "mistral-7b-v0.1"})))
+
+    with pytest.raises(CompressError, match=r"tokenizers differ.*stage 0 \(distill\).*set cross_tokenizer"):
+        fit([{"kind": "distill"}])
+    with pytest.raises(CompressError, match=r"stage 1 \(eval\)"):
+        fit([{"kind": "distill", "cross_tokenizer": {"method": "uld"}}, {"kind": "eval"}])
+    fit([{"kind": "distill", "cross_tokenizer": {"method": "gold"}}, {"kind": "finetune"}])  # no error
+
+
+@pytest.mark.parametrize("method", ["uld", pytest.param("gold", marks=pytest.mark.slow)])
+def test_cross_tokenizer_run_trains_and_exports_the_students_tokenizer(tiny_teacher, tmp_path, method):
+    """A real run: SmolLM2-tokenizer teacher, Mistral-tokenizer student; the loss falls, the export
+    carries the student's tokenizer and loads with transformers alone."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny import launch, write_recipe
+
+    out = tmp_path / method
+    recipe = write_recipe(tmp_path / f"{method}.yaml", tiny_teacher, out, train={"max_steps": 8, "lr": 3e-3},
+                          student={"init": "drop_layers", "keep_every": 2, "tokenizer": "mistral-7b-v0.1"},
+                          stages=[{"kind": "distill", "ce_weight": 0.2, "cross_tokenizer": {"method": method}}])
+    p = launch(recipe)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if "kd" in r]
+    assert len(kd) == 8 and kd[-1] < kd[0]
+    assert all(0.3 < r["aligned_fraction"] <= 1 for r in rows if "aligned_fraction" in r)
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert len(tok) == 32000 and tok.convert_tokens_to_ids("▁the") == load_student_tokenizer("mistral-7b-v0.1").convert_tokens_to_ids("▁the")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == 32000
+    summary = json.loads((out / "summary.json").read_text())
+    assert "student_ppl" in summary["metrics"]["final"] and "kl" not in summary["metrics"]["final"]
