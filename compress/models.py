@@ -176,6 +176,7 @@ def check_fit(recipe) -> None:
     source_files(recipe.data)
     t_cfg = load_config(recipe.teacher.source) if recipe.needs_teacher or recipe.student.init != "checkpoint" else None
     st = recipe.student
+    s_tok = student_tokenizer(recipe)  # None: the teacher's
     s_cfg = None
     if st.init == "drop_layers":
         s_cfg = copy.deepcopy(t_cfg)
@@ -188,18 +189,18 @@ def check_fit(recipe) -> None:
         resolve_source(st.path)
         s_cfg = load_config(st.path)
         if recipe.needs_teacher:
-            tok_len = len(load_tokenizer(st.path))
+            tok_len = len(s_tok)
             if min(s_cfg.vocab_size, t_cfg.vocab_size) < tok_len:
                 raise CompressError(f"model vocab sizes ({s_cfg.vocab_size}, {t_cfg.vocab_size}) are smaller than the tokenizer ({tok_len}); the checkpoint is broken")
+    t_tok = load_tokenizer(recipe.teacher.source) if recipe.extra_teachers or (s_tok is not None and recipe.needs_teacher) else None
     for extra in recipe.extra_teachers:  # their logits are summed id by id with the teacher's
         try:
-            shared_vocab(load_tokenizer(recipe.teacher.source), load_tokenizer(extra.source))
+            shared_vocab(t_tok, load_tokenizer(extra.source))
         except CompressError as e:
             raise CompressError(f"extra_teachers: {extra.source!r}: {e}; every teacher must use the teacher's tokenizer") from None
-    s_tok = student_tokenizer(recipe)
     if s_tok is not None and recipe.needs_teacher:
         try:
-            shared_vocab(load_tokenizer(recipe.teacher.source), s_tok)
+            shared_vocab(t_tok, s_tok)
         except CompressError as e:
             for i, stage in enumerate(recipe.stages):
                 if method_class(stage).needs_teacher and getattr(stage, "cross_tokenizer", None) is None:
@@ -252,14 +253,11 @@ def new_vocabulary(model: nn.Module, teacher_tok, student_tok) -> nn.Module:
     with torch.no_grad():
         emb = rebuild(model.get_input_embeddings().weight.detach())
         head = None if tied else rebuild(model.get_output_embeddings().weight.detach())
-    model.set_input_embeddings(nn.Embedding.from_pretrained(emb, freeze=False))
-    out = model.get_output_embeddings()
-    model.set_output_embeddings(nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype))
-    if tied:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    else:
-        model.get_output_embeddings().weight = nn.Parameter(head)
-    del out
+    embedding = nn.Embedding.from_pretrained(emb, freeze=False)
+    lm_head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype)
+    lm_head.weight = embedding.weight if tied else nn.Parameter(head)
+    model.set_input_embeddings(embedding)
+    model.set_output_embeddings(lm_head)
     cfg.vocab_size = len(student_tok)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(cfg, name, getattr(student_tok, name, None))

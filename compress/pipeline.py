@@ -201,17 +201,21 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
     barrier()
     torch.manual_seed(recipe.seed)
 
-    tokenizer = student_tokenizer(recipe) or load_tokenizer(recipe.teacher.source)
+    s_tok = student_tokenizer(recipe)
+    tokenizer = s_tok or load_tokenizer(recipe.teacher.source)
     data = prepare_data(recipe.data, tokenizer, is_main, barrier)
     run_id = json.loads((out / "run.json").read_text())["wandb_id"]
     logger = RunLogger(str(out), recipe.wandb, recipe.model_dump(mode="json"), is_main, run_id=run_id)
     ctx = RunContext(recipe=recipe, output_dir=out, tokenizer=tokenizer, data=data, logger=logger,
                      device=device, rank=rank, world=world)
-    if recipe.needs_teacher and tokenizer.get_vocab() != (t_tok := load_tokenizer(recipe.teacher.source)).get_vocab():
+    if s_tok is not None and recipe.needs_teacher and s_tok.get_vocab() != (t_tok := load_tokenizer(recipe.teacher.source)).get_vocab():
         ctx.teacher_tokenizer = t_tok  # cross-tokenizer KD (check_fit made every teacher-reading stage ready for it)
 
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(recipe.teacher.dtype, auto)
+    def teacher_dtype(cfg) -> torch.dtype:  # auto: bf16 on GPU, fp32 on CPU
+        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype, auto)
+
+    t_dtype = teacher_dtype(recipe.teacher)
     teacher_model = load_model(recipe.teacher.source) if recipe.needs_teacher or recipe.student.init != "checkpoint" else None
     student, ctx.layer_map = build_student(recipe, teacher_model)
     if teacher_model is not None:  # also for teacher-free stages: the final table is teacher-relative
@@ -220,9 +224,9 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
     del teacher_model
     if any(method_class(s).distills for s in recipe.stages):
         for extra in recipe.extra_teachers:
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(extra.dtype, auto)
             ctx.extra_teachers.append((extra.weight, Teacher(load_model(extra.source), shard=extra.shard, device=device,
-                                                             dtype=dtype, micro_batch=recipe.train.micro_batch_size)))
+                                                             dtype=teacher_dtype(extra),
+                                                             micro_batch=recipe.train.micro_batch_size)))
     student = student.to(device)
 
     rows = []

@@ -46,7 +46,7 @@ from compress.chunked_loss import KDTerms, chunked_head_loss, head_input_capture
 from compress.config import Strict
 from compress.data import sample_indices
 from compress.errors import CompressError
-from compress.losses import KD_LOSSES, hidden_mse
+from compress.losses import KD_LOSSES, ce_loss, hidden_mse
 from compress.offline_kd import precompute
 from compress.sampling import sample_continuations
 from compress.stages import StageConfig, StageMethod, register, with_model_losses
@@ -250,7 +250,7 @@ class Distill(StageMethod):
             total = total + weight * term
         logs["aligned_fraction"] = al["pair_mask"].sum().float().detach() / x.numel()
         if cfg.ce_weight > 0:
-            ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch["labels"].flatten())
+            ce = ce_loss(out.logits, batch["labels"])
             total = total + cfg.ce_weight * ce
             logs["ce"] = ce.detach()
         return with_model_losses(total, logs, out, module)
