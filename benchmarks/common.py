@@ -179,8 +179,11 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
                 final_row = next(row for row in summary["table"] if row["model"] == "student (final)")
                 results[a][s] = {**r, "transform": transforms(REPO / plans[a, s][0]), "table": summary["table"],
                                  "student_params": summary["student_params"], "device": summary.get("device"),
-                                 "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk")}
+                                 "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk"),
+                                 "eval": summary.get("eval")}  # an eval stage's results (None without one)
     wall = time.time() - t0
+    if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
+        wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
     return results, plans, wall
 
 
