@@ -10,10 +10,17 @@ Layout read (written by ``compress.sparsity.pack_24`` / the sparsify export, ``s
                          p0 | p1 << 2, two groups per byte, the even group in the low nibble
     W[n, k] = value[n, 2 * (k // 4) + j]  if k % 4 == p_j  else 0      (times the scale for int4)
 
-Tiling as in ``kernels.wna16``: (BLOCK_M, BLOCK_N) output tiles over a K range, fp32 accumulation
-with ``tl.dot``, split-K for decode. Each K step reads half the weight bytes of the dense tile
-(a quarter with int4) plus 1/8 byte of metadata per weight, and expands them to a dense
-(BLOCK_K, BLOCK_N) tile in registers: the win is in bytes moved, which is what decode is bound by.
+Tiling as in ``kernels.tiles``, by units of 16 input columns: a unit is 8 kept values (one int32
+word of int4 codes) and 16 bits of metadata (the uint8 metadata read as int16), in which kept
+value u's position inside its group of 4 (group u // 2) is bits 2u..2u+1. int4 codes become
+floats without an int-to-float instruction (see ``kernels.tiles.codes_to_float``). M = 1 (GEMV)
+has two modes the autotuner picks from, both picking for each kept value the x of its own column
+from the four of its group by selects in registers (no dense tile, no gather from memory): by
+(BLOCK_N, units) slices of value u, with strided x loads, or by whole (BLOCK_N, groups, 2) tiles
+against the x tile read contiguously. M > 1: the dense (BLOCK_N, BLOCK_K) tile is built in
+registers and goes through one ``tl.dot``. Each K step reads half the weight bytes of the dense
+tile (a quarter with int4) plus 1/8 byte of metadata per weight: the win is in bytes moved,
+which is what decode is bound by.
 
 Three names, in one place: ``triton_sparse24`` (host), ``_sparse24_kernel`` (jit), ``torch_sparse24`` (reference).
 """
@@ -22,10 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels.wna16 import launch, triton, tuned
+from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 
 if triton is not None:
     import triton.language as tl
+
+    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, store_tile
 
 
 def expand(values_or_codes: torch.Tensor, meta: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,64 +76,116 @@ def check(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor, sc
                          f"got {tuple(values_or_codes.shape)}")
     if scale is not None and (scale.shape[0] != n or k % scale.shape[1]):
         raise ValueError(f"scale {tuple(scale.shape)} does not fit N={n}, K={k}: need (N, K / group_size)")
+    if scale is not None:
+        check_group(k, scale.shape[1])
 
 
 if triton is not None:
     @triton.jit
-    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, GROUP, M_BUCKET,
+    def _kept(v_ptr, words, offs_n, ui, u_ok, stride_vn, u: tl.constexpr, INT4: tl.constexpr):
+        """Kept value u (of 8) of every 16-column unit: (BLOCK_N, UNITS) fp32 (int4 codes unscaled)."""
+        if INT4:
+            return codes_to_float((words >> (4 * u)) & 0xF, 8.0)
+        return tl.load(v_ptr + offs_n[:, None] * stride_vn + (ui * 8 + u)[None, :], mask=u_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                          stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ys,
-                         INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT: tl.constexpr):
+                         INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV_MODE: tl.constexpr):
+        UNITS: tl.constexpr = BLOCK_K // 16  # a unit: 16 input columns, 8 kept values, 16 bits of metadata
+        HALF: tl.constexpr = BLOCK_K // 2
+        QUADS: tl.constexpr = BLOCK_K // 4
+        ONE_GROUP: tl.constexpr = GROUP >= BLOCK_K
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        K_PER_SPLIT = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_lo = pid_k * K_PER_SPLIT
-        for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            mask = k_ok[:, None] & (offs_n[None, :] < N)
-            grp = offs_k // 4                                   # (BLOCK_K,) the group of 4 each k is in
-            byte = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (offs_k // 8)[:, None], mask=mask, other=0)
-            nib = (byte.to(tl.int32) >> ((grp % 2) * 4)[:, None]) & 0xF
-            r = (offs_k % 4)[:, None]
-            p0, p1 = nib & 3, (nib >> 2) & 3
-            j = 2 * grp[:, None] + (r == p1).to(tl.int32)      # which stored value this k would be
-            kept = ((r == p0) | (r == p1)) & mask
+        n_ok = offs_n < N
+        k_lo, k_hi = k_range(pid_k, K, SPLIT, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)    # GEMM
+        acc_u = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)  # GEMV: one partial sum per unit slot, reduced at the end
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ui = k0 // 16 + tl.arange(0, UNITS)
+            cols = ui * 16
+            u_ok = n_ok[:, None] & (ui[None, :] < K // 16)
+            # kept value u of a unit sits in its group of 4 number u // 2, at position (meta >> 2u) & 3
+            meta = tl.load(meta_ptr + offs_n[:, None] * stride_mn + ui[None, :], mask=u_ok, other=0).to(tl.int32)
+            words = meta  # (unused unless INT4)
+            s = tl.full((BLOCK_N, 1), 1.0, tl.float32)
             if INT4:
-                word = tl.load(v_ptr + offs_n[None, :] * stride_vn + j // 8, mask=kept, other=0)
-                q = ((word >> ((j % 8) * 4)) & 0xF) - 8
-                s = tl.load(s_ptr + offs_n[None, :] * stride_sn + (offs_k // GROUP)[:, None], mask=kept, other=0.0)
-                w = q.to(tl.float32) * s.to(tl.float32)
+                words = tl.load(v_ptr + offs_n[:, None] * stride_vn + ui[None, :], mask=u_ok, other=0)
+                scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
+                s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
+            if BLOCK_M == 1 and GEMV_MODE == 0:
+                # GEMV by slices: value u of every unit meets the x of its own column, picked by selects
+                part = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)
+                for h in tl.static_range(4):
+                    xa = load_x(x_ptr, offs_m, cols + 4 * h, M, K, stride_xm).to(tl.float32)
+                    xb = load_x(x_ptr, offs_m, cols + 4 * h + 1, M, K, stride_xm).to(tl.float32)
+                    xc = load_x(x_ptr, offs_m, cols + 4 * h + 2, M, K, stride_xm).to(tl.float32)
+                    xd = load_x(x_ptr, offs_m, cols + 4 * h + 3, M, K, stride_xm).to(tl.float32)
+                    for j in tl.static_range(2):
+                        pos = (meta >> (4 * h + 2 * j)) & 3
+                        xs = tl.where(pos == 0, xa, tl.where(pos == 1, xb, tl.where(pos == 2, xc, xd)))
+                        part += _kept(v_ptr, words, offs_n, ui, u_ok, stride_vn, 2 * h + j, INT4) * xs
+                acc_u += part * s
             else:
-                w = tl.load(v_ptr + offs_n[None, :] * stride_vn + j, mask=kept, other=0.0).to(tl.float32)
-            w = tl.where(kept, w, 0.0)
-            acc += tl.dot(x.to(tl.float32), w)
-        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+                # the tile's kept values (BLOCK_N, QUADS, 2) in stored order and their positions in the group
+                if INT4:
+                    u3 = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+                    v = tl.reshape(codes_to_float(u3, 8.0), (BLOCK_N, QUADS, 2))
+                else:
+                    vi = k0 // 2 + tl.arange(0, HALF)
+                    v = tl.reshape(tl.load(v_ptr + offs_n[:, None] * stride_vn + vi[None, :],
+                                           mask=n_ok[:, None] & (vi[None, :] < K // 2), other=0.0).to(tl.float32),
+                                   (BLOCK_N, QUADS, 2))
+                nib = tl.reshape((meta[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0xF, (BLOCK_N, QUADS))
+                pos = (nib[:, :, None] >> (tl.arange(0, 2) * 2)[None, None, :]) & 3
+                x = load_x(x_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm)
+                if BLOCK_M == 1:
+                    # GEMV by tiles: each value against the x of its column, picked from its group's 4 by selects
+                    even, odd = tl.split(tl.reshape(x.to(tl.float32), (QUADS, 2, 2)))  # columns {0, 2}, {1, 3}
+                    x0, x2 = tl.split(even)
+                    x1, x3 = tl.split(odd)
+                    xs = tl.where(pos == 0, x0[None, :, None], tl.where(pos == 1, x1[None, :, None],
+                                                                         tl.where(pos == 2, x2[None, :, None], x3[None, :, None])))
+                    acc_u += tl.sum(tl.reshape(v * xs, (BLOCK_N, UNITS, 8)), axis=2) * s
+                else:
+                    # GEMM: the dense (BLOCK_N, BLOCK_K) tile built in registers, one tl.dot
+                    v0, v1 = tl.split(v)
+                    p0, p1 = tl.split(pos)
+                    r = tl.arange(0, 4)[None, None, :]
+                    dense = tl.where(p0[:, :, None] == r, v0[:, :, None], tl.where(p1[:, :, None] == r, v1[:, :, None], 0.0))
+                    if INT4 and not ONE_GROUP:
+                        dense = tl.reshape(tl.reshape(dense, (BLOCK_N, UNITS, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+                    w = tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(x.dtype)
+                    if INT4 and ONE_GROUP:
+                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * tl.trans(s)
+                    else:
+                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if BLOCK_M == 1:
+            acc = tl.reshape(tl.sum(acc_u, axis=1), (1, BLOCK_N))
+        store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
 
-
-if triton is not None:
-    _sparse24_run = tuned(_sparse24_kernel)
+    _sparse24_run = tuned(_sparse24_kernel, ["INT4"], gemv_modes=(0, 1))
 
 
 def triton_sparse24(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor,
-                    scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for a compressed 2:4 weight (int4 codes when ``scale`` is given)."""
+                    scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    config: dict | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for a compressed 2:4 weight (int4 codes when ``scale`` is given);
+    ``config`` fixes the tiles (BLOCK_M/N/K, SPLIT) instead of autotuning them."""
     if triton is None:
         raise RuntimeError("triton is not installed: use torch_sparse24, or pip install triton")
     check(x, values_or_codes, meta, scale)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], meta.shape[0]
-    v, meta = values_or_codes.contiguous(), meta.contiguous()
+    v, meta16 = values_or_codes.contiguous(), meta.contiguous().view(torch.int16)  # 2 bytes: one 16-column unit
     s = scale.contiguous() if scale is not None else v
-    group = k // scale.shape[1] if scale is not None else k
-    y = launch(_sparse24_run, (x2, v, meta, s, group, x2.stride(0), v.stride(0), meta.stride(0), s.stride(0)),
-               m, n, k, x.device, INT4=scale is not None)
+    groups = scale.shape[1] if scale is not None else 1
+    y = launch(_sparse24_run, (x2, v, meta16, s), (groups,), (x2.stride(0), v.stride(0), meta16.stride(0), s.stride(0)),
+               m, n, k, x, config, INT4=scale is not None, GROUP=group_constexpr(k, groups))
     if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, n)
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, n)

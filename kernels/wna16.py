@@ -8,31 +8,31 @@ Layout read (compressed-tensors ``pack-quantized``, what our QAT/PTQ exports wri
     zero    (N, K / G)  int8 or None (symmetric)
     W[n, k] = (q[n, k] - zero[n, k // G]) * scale[n, k // G]
 
-Tiling: one program computes a (BLOCK_M, BLOCK_N) tile of y over a K range (its 1/SPLIT share);
-on CUDA tile sizes and SPLIT are autotuned per (M bucket, N, K), in the interpreter one config
-runs (it fails with two or more autotune configs). Each K step loads a
-(BLOCK_M, BLOCK_K) tile of x and the (BLOCK_K, BLOCK_N) tile of packed words it needs (each word
-loaded for the P values in it: the cache serves the repeats), unpacks with a shift and a mask,
-scales, and accumulates in fp32 with ``tl.dot``. Decode (M <= 16) splits K across SPLIT
-programs, each writing fp32 partial sums that the host adds: more programs for a GEMV that would
-otherwise occupy N / BLOCK_N of them.
+Tiling (``kernels.tiles``): one program computes a (BLOCK_M, BLOCK_N) tile of y over its share of
+K. Each K step loads the (BLOCK_N, BLOCK_K / P) packed words once (rows contiguous, so the loads
+coalesce) and unpacks their P values in registers with shifts and masks; the codes become floats
+by placing their bits under the exponent of 2^23 (no int-to-float instruction, which runs at a
+fraction of the FMA rate). M = 1 (GEMV) has two modes the autotuner picks from: value j of every
+word against the strided x slice x[:, j::P] (no reshape), or a (BLOCK_N, words, P) tile against
+x read contiguously; products are summed along K in registers, no tensor cores. M > 1: one
+``tl.dot`` a tile in x's dtype (the codes are exact integers there). Scales multiply a tile's
+partial sums when the tile lies in one group, each word's values otherwise; zero points come off
+the codes with the offset.
 
 Three names, in one place: ``triton_wna16`` (host), ``_wna16_kernel`` (jit), ``torch_wna16`` (reference).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the reference path still works
-    triton = None
+from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if triton is not None:
+    import triton.language as tl
+
+    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, store_tile
+
 BITS = (4, 8)
 
 
@@ -75,6 +75,7 @@ def check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torc
     groups = scale.shape[1]
     if scale.shape[0] != n or k % groups:
         raise ValueError(f"scale {tuple(scale.shape)} does not fit N={n}, K={k}: need (N, K / group_size)")
+    check_group(k, groups)
     if zero is not None and zero.shape != scale.shape:
         raise ValueError(f"zero point {tuple(zero.shape)} must have the scale's shape {tuple(scale.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -83,105 +84,66 @@ def check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torc
 
 if triton is not None:
     @triton.jit
-    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP, M_BUCKET,
+    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
-                      BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GEMV_MODE: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
-        K_PER_SPLIT = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # program pid_k's share of K
+        WORDS: tl.constexpr = BLOCK_K // PER
+        ONE_GROUP: tl.constexpr = GROUP >= BLOCK_K  # a tile lies inside one group: scale its partial sums
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_lo = pid_k * K_PER_SPLIT
-        for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            # (BLOCK_K, BLOCK_N) tile of W^T: value k of row n from word k // PER
-            w_mask = k_ok[:, None] & (offs_n[None, :] < N)
-            words = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k // PER)[:, None], mask=w_mask, other=0)
-            shift = ((offs_k % PER) * BITS)[:, None]
-            q = ((words >> shift) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-            g = (offs_k // GROUP)[:, None]
-            s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g, mask=w_mask, other=0.0).to(tl.float32)
-            w = q.to(tl.float32)
-            if HAS_ZERO:
-                w = w - tl.load(z_ptr + offs_n[None, :] * stride_sn + g, mask=w_mask, other=0).to(tl.float32)
-            w = w * s
-            acc += tl.dot(x.to(tl.float32), w)
-        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        n_ok = offs_n < N
+        k_lo, k_hi = k_range(pid_k, K, SPLIT, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)    # GEMM
+        acc_w = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # GEMV: one partial sum per word slot, reduced at the end
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            wi = k0 // PER + tl.arange(0, WORDS)
+            cols = wi * PER  # the first input column of each word
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :],
+                            mask=n_ok[:, None] & (wi[None, :] < K // PER), other=0)
+            scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
+            s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
+            if HAS_ZERO:  # offset-binary, and the zero point, taken off the codes together (fp32)
+                off = load_per_group(z_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32) + (1 << (BITS - 1))
+            else:
+                off = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
+            if BLOCK_M == 1 and GEMV_MODE == 0:
+                # GEMV, strided: value j of every word is input column cols + j, against the slice x[cols + j]
+                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                for j in tl.static_range(PER):
+                    xj = load_x(x_ptr, offs_m, cols + j, M, K, stride_xm).to(tl.float32)
+                    part += codes_to_float((words >> (j * BITS)) & ((1 << BITS) - 1), off) * xj
+                acc_w += part * s
+            else:
+                # (BLOCK_N, WORDS, PER) values in column order, against the x tile read contiguously
+                u3 = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+                w3 = codes_to_float(u3, off[:, :, None])
+                if BLOCK_M == 1:  # GEMV, 3-D
+                    xk = cols[:, None] + tl.arange(0, PER)[None, :]
+                    x3 = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xk < K, other=0.0).to(tl.float32)
+                    acc_w += tl.sum(w3 * x3[None, :, :], axis=2) * s
+                else:  # GEMM: one tl.dot a tile in x's dtype (codes exact there), scaled after it in one group
+                    x = load_x(x_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm)
+                    if ONE_GROUP:
+                        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x.dtype)
+                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * tl.trans(s)
+                    else:
+                        w = tl.reshape(w3 * s[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)
+                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if BLOCK_M == 1:
+            acc = tl.reshape(tl.sum(acc_w, axis=1), (1, BLOCK_N))
+        store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
 
-
-MAX_SPLIT = 8
-
-
-def launch_config(m: int, k: int) -> dict:
-    """The one config used in the interpreter (which takes no autotuning), chosen by M."""
-    block_k = 32
-    if m <= 16:  # decode: a GEMV-like tile, K split so that ~4 programs work per output block
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT": max(1, min(MAX_SPLIT, k // (block_k * 4)))}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT": 1}
-
-
-def cuda_configs() -> list:
-    """Autotuning candidates on CUDA: decode tiles with split-K, prefill tiles without."""
-    out = []
-    for bn in (32, 64, 128):
-        for bk in (64, 128, 256):
-            for split in (1, 2, 4, 8):
-                out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split}, num_warps=4,
-                                         num_stages=3))
-    for bm, bn in ((64, 64), (64, 128), (128, 128)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT": 1}, num_warps=8, num_stages=3))
-    return out
-
-
-def prune_by_m(configs, named_args, **kwargs):
-    """Decode tiles for M <= 16, prefill tiles above."""
-    small = named_args["M_BUCKET"] <= 16
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
-
-
-def tuned(kernel):
-    """On CUDA the kernel autotunes per (M bucket, N, K); in the interpreter it runs as is."""
-    if INTERPRET:
-        return kernel
-    return triton.autotune(configs=cuda_configs(), key=["M_BUCKET", "N", "K"],
-                           prune_configs_by={"early_config_prune": prune_by_m})(kernel)
-
-
-def launch(kernel, args: tuple, m: int, n: int, k: int, device, **consts) -> torch.Tensor:
-    """Run ``kernel`` (tuned or not) on an fp32 (splits, M, N) buffer and return the summed (M, N)."""
-    bucket = 1 << max(0, (m - 1).bit_length())
-    if INTERPRET:
-        cfg = launch_config(m, k)
-        partial = torch.zeros(cfg["SPLIT"], m, n, device=device, dtype=torch.float32)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT"])
-        kernel[grid](*args[:4], partial, m, n, k, *args[4:5], bucket, *args[5:], partial.stride(1), partial.stride(0),
-                     **consts, **cfg)
-    else:
-        partial = torch.empty(MAX_SPLIT, m, n, device=device, dtype=torch.float32)
-
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
-
-        kernel[grid](*args[:4], partial, m, n, k, *args[4:5], bucket, *args[5:], partial.stride(1), partial.stride(0),
-                     **consts)
-        # only the chosen config's splits were written by this call (tuning runs may have left others)
-        return partial[: kernel.best_config.kwargs["SPLIT"]].sum(0)
-    return partial.sum(0)
-
-
-if triton is not None:
-    _wna16_run = tuned(_wna16_kernel)
+    _wna16_run = tuned(_wna16_kernel, ["BITS", "HAS_ZERO"], gemv_modes=(0, 1))
 
 
 def triton_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for the packed weight; x (..., K) fp16/bf16/fp32; y in x's dtype."""
+                 bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for the packed weight; x (..., K) fp16/bf16/fp32; y in x's dtype.
+    ``config`` fixes the tiles (BLOCK_M/N/K, SPLIT) instead of autotuning them."""
     if triton is None:
         raise RuntimeError("triton is not installed: use torch_wna16, or pip install triton")
     check(x, packed, scale, zero, bits)
@@ -190,8 +152,9 @@ def triton_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     m, n = x2.shape[0], packed.shape[0]
     packed, scale = packed.contiguous(), scale.contiguous()
     zero_arg = zero.contiguous() if zero is not None else scale
-    y = launch(_wna16_run, (x2, packed, scale, zero_arg, k // scale.shape[1], x2.stride(0), packed.stride(0),
-                            scale.stride(0)), m, n, k, x.device, BITS=bits, HAS_ZERO=zero is not None)
+    y = launch(_wna16_run, (x2, packed, scale, zero_arg), (scale.shape[1],),
+               (x2.stride(0), packed.stride(0), scale.stride(0)), m, n, k, x, config,
+               BITS=bits, GROUP=group_constexpr(k, scale.shape[1]), HAS_ZERO=zero is not None)
     if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, n)
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, n)

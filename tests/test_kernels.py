@@ -60,6 +60,8 @@ def test_sparse24_on_our_export_layout_equals_the_dense_matmul():
      "W3A16 is not supported"),
     (lambda: triton_sparse24(torch.randn(2, 72), torch.zeros(8, 36), torch.zeros(8, 9, dtype=torch.uint8)),
      "must be a multiple of 16"),
+    (lambda: triton_wna16(torch.randn(2, 96), torch.zeros(8, 12, dtype=torch.int32), torch.ones(8, 2), None, 4),
+     "group size 48 is not supported by the kernels: use a power of two"),
 ])
 def test_shapes_a_kernel_cannot_take_fail_in_one_line(call, message):
     with pytest.raises(ValueError, match=message):

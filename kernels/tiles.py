@@ -1,0 +1,176 @@
+"""What the Triton kernels share: the tile configs, the split-K choice, the launch, and the jit
+pieces every kernel's K loop is made of (the x tile, the per-group scales, the two ways a tile
+of weights meets x, the store).
+
+Two paths, chosen by BLOCK_M:
+    BLOCK_M == 1   GEMV (one token a row of x): the weight tile times x, summed along K in
+                   registers (``rows_scaled``); no tensor cores, nothing padded to 16 rows.
+    BLOCK_M >= 16  GEMM (``dot_scaled``): ``tl.dot`` in x's dtype with an fp32 accumulator.
+Scales multiply a group's partial sum, not each weight, when a tile lies inside one group; a tile
+spanning several groups is scaled per group through a (BLOCK_N, groups, group) view. Group sizes
+are powers of two, so a tile either lies inside one group or holds whole groups; one scale per
+row is passed as ``PER_ROW`` (a group longer than any K).
+
+Split-K: where N alone gives too few programs for the GPU (small N at decode), K is split over
+SPLIT programs that write fp32 partial sums, added by one ``sum`` on the host; otherwise each
+program stores its finished tile in x's dtype.
+
+On CUDA the tile sizes are autotuned per (M bucket, N, K, dtype and the constexprs); a ``config``
+argument fixes them instead (the self-test uses that to hit every path). Under
+``TRITON_INTERPRET=1`` the fixed config always runs (the interpreter fails with two or more
+autotune configs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the reference paths still work
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_SPLIT = 8
+PER_ROW = 1 << 30  # the GROUP constexpr for one scale per row: longer than any K
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for M: 1 (GEMV), 16 (small decode batches), then powers of two up to 128."""
+    return 1 if m == 1 else 16 if m <= 16 else min(128, 1 << (m - 1).bit_length())
+
+
+def group_constexpr(k: int, groups: int) -> int:
+    return PER_ROW if groups == 1 else k // groups
+
+
+def check_group(k: int, groups: int) -> None:
+    group = k // groups
+    if groups > 1 and (group < 16 or group & (group - 1)):
+        raise ValueError(f"group size {group} is not supported by the kernels: use a power of two >= 16 "
+                         "(32, 64, 128) or one scale per row")
+
+
+def choose_split(m: int, n: int, k: int, device: torch.device) -> int:
+    """1 unless N gives fewer programs than the GPU has SMs at decode; then enough to fill it."""
+    if m > 16:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = -(-n // 16)
+    if programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLIT, -(-sms // programs), k // 256))
+
+
+def fixed_config(m: int, split: int | None = None, gemv_mode: int = 0) -> dict:
+    """One config per path: what the interpreter runs, and what ``config=`` defaults build on."""
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64} if m == 1 else {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
+    cfg["GEMV_MODE"] = gemv_mode
+    if split is not None:
+        cfg["SPLIT"] = split
+    return cfg
+
+
+def cuda_configs(gemv_modes: tuple[int, ...] = (0,)) -> list:
+    """Autotuning candidates: GEMV tiles (BLOCK_M 1, each in every GEMV_MODE the kernel has),
+    small-batch and prefill tensor-core tiles."""
+    c = []
+    for bn, bk, warps, stages in ((8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4), (32, 128, 4, 3), (32, 256, 8, 3),
+                                  (64, 128, 4, 3)):
+        for mode in gemv_modes:
+            c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode}, num_warps=warps,
+                                   num_stages=stages))
+    for bn, bk in ((32, 128), (64, 128), (32, 256), (128, 64)):
+        c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0}, num_warps=4, num_stages=3))
+    for bm, bn, bk, warps in ((64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (32, 64, 128, 4)):
+        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0}, num_warps=warps,
+                               num_stages=3))
+    return c
+
+
+def prune_by_m(configs, named_args, **kwargs):
+    bucket = named_args["M_BUCKET"]
+    want = (lambda bm: bm == 1) if bucket == 1 else (lambda bm: bm == 16) if bucket == 16 else (lambda bm: bm > 16)
+    return [c for c in configs if want(c.kwargs["BLOCK_M"])]
+
+
+def _bench(fn, quantiles=None, **kwargs):
+    """Autotuning timer: short (the kernels take microseconds), median with the given quantiles."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def tuned(kernel, consts: list[str], gemv_modes: tuple[int, ...] = (0,)):
+    """The autotuned kernel on CUDA (keyed by M bucket, N, K, the dtypes and ``consts``; the GEMV
+    tiles tried in each of ``gemv_modes``); the plain one in the interpreter."""
+    if INTERPRET:
+        return kernel
+    import triton.testing  # noqa: F401 - _bench needs it
+
+    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "SPLIT", "GROUP", *consts], do_bench=_bench,
+                           prune_configs_by={"early_config_prune": prune_by_m})(kernel)
+
+
+def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, k: int, x: torch.Tensor,
+           config: dict | None = None, **consts) -> torch.Tensor:
+    """Run ``run`` as kernel(*tensors, y, M, N, K, *scalars, M_BUCKET, *strides, stride_ym, stride_ys, ...)
+    and return y (M, N) in x's dtype."""
+    cfg = dict(config) if config is not None else (fixed_config(m) if INTERPRET else None)
+    split = (cfg or {}).pop("SPLIT", None) or choose_split(m, n, k, x.device)
+    if split == 1:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        stride_ym, stride_ys = y.stride(0), 0
+    else:
+        y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        stride_ym, stride_ys = y.stride(1), y.stride(0)
+    consts.update(SPLIT=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    args = (*tensors, y, m, n, k, *scalars, m_bucket(m), *strides, stride_ym, stride_ys)
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split
+
+    if cfg is None:
+        run[grid](*args, **consts)
+    else:
+        kernel = run if INTERPRET else run.fn  # a fixed config bypasses the autotuner
+        if not INTERPRET:
+            cfg.setdefault("num_warps", 4)
+        kernel[grid](*args, **consts, **cfg)
+    return y if split == 1 else y.sum(0, dtype=x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def k_range(pid_k, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program pid_k's share [lo, hi) of K, in whole BLOCK_K tiles."""
+        per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        lo = pid_k * per
+        return lo, tl.minimum(lo + per, K)
+
+    @triton.jit
+    def load_x(x_ptr, offs_m, cols, M, K, stride_xm):
+        """x at rows offs_m and columns ``cols`` (a strided slice of the tile), zero outside x."""
+        return tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                       mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0)
+
+    @triton.jit
+    def load_per_group(ptr, offs_n, n_ok, cols, G_COUNT, stride_n, GROUP: tl.constexpr):
+        """(BLOCK_N, len(cols)) of a per-group tensor (scales, zero points) at input columns ``cols``."""
+        g = cols // GROUP
+        return tl.load(ptr + offs_n[:, None] * stride_n + g[None, :], mask=n_ok[:, None] & (g[None, :] < G_COUNT),
+                       other=0)
+
+    @triton.jit
+    def codes_to_float(u, off):
+        """Unsigned integer codes u (int32 in [0, 2^23)) minus ``off`` (their offset and zero point, fp32),
+        as fp32, without an int-to-float conversion (a slow instruction): u's bits under the exponent
+        of 2^23 make the float 2^23 + u exactly."""
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+
+    @triton.jit
+    def store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys):
+        """The finished tile in y's dtype (SPLIT 1), or this program's fp32 partial sum (slot pid_k)."""
+        tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

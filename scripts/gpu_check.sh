@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The device checks in one script (a lent GPU machine: torch + triton installed, nothing fetched):
+# kernels against their references (fixed tiles, fp16 and bf16), the kernel benchmark (autotuned,
+# each kernel re-checked on its shape), the chunked-loss benchmark on CUDA. Logs and results go
+# to $OUT (or ./gpu_out). Each step has its own time limit, so one that hangs leaves the others.
+#     bash scripts/gpu_check.sh [steps...]     steps: selftest kernels chunked (default: all)
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+steps=${*:-selftest kernels chunked}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+for step in $steps; do
+  start=$(date +%s)
+  case $step in
+    selftest) { timeout 150 python3 -m kernels.selftest --dtype fp16 && timeout 120 python3 -m kernels.selftest --dtype bf16; } > "$OUT/selftest.log" 2>&1
+              rc=$? ;;
+    kernels) timeout 300 python3 benchmarks/kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
+             rc=$?; cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null ;;
+    chunked) timeout 150 python3 benchmarks/chunked_loss.py --device cuda --tokens ${CHUNK_TOKENS:-4096,16384} \
+               --chunk 2048 --tag chunked_loss_cuda > "$OUT/chunked.log" 2>&1
+             rc=$?; cp benchmarks/results/chunked_loss_cuda.* "$OUT/" 2>/dev/null ;;
+    *) echo "unknown step $step (selftest, kernels, chunked)"; continue ;;
+  esac
+  echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
+done
