@@ -11,9 +11,10 @@ spanning several groups is scaled per group through a (BLOCK_N, groups, group) v
 are powers of two, so a tile either lies inside one group or holds whole groups; one scale per
 row is passed as ``PER_ROW`` (a group longer than any K).
 
-Split-K: where N alone gives too few programs for the GPU (small N at decode), K is split over
-SPLIT programs that write fp32 partial sums, added by one ``sum`` on the host; otherwise each
-program stores its finished tile in x's dtype.
+Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
+``sum`` on the host (the autotuner chooses SPLIT among 1, 4 and 8; a fixed config gets
+``choose_split``'s, which splits only where N alone gives too few programs); a prefill tile
+stores its finished tile in x's dtype.
 
 On CUDA the tile sizes are autotuned per (M bucket, N, K, dtype and the constexprs); a ``config``
 argument fixes them instead (the self-test uses that to hit every path). Under
@@ -75,19 +76,23 @@ def fixed_config(m: int, split: int | None = None, gemv_mode: int = 0) -> dict:
 
 
 def cuda_configs(gemv_modes: tuple[int, ...] = (0,)) -> list:
-    """Autotuning candidates: GEMV tiles (BLOCK_M 1, each in every GEMV_MODE the kernel has),
-    small-batch and prefill tensor-core tiles."""
+    """Autotuning candidates. Decode (M <= 16) tiles come with K split 1, 4 or 8 ways: a GEMV loop's
+    loads are not pipelined, so a large N still needs more programs than N / BLOCK_N to keep
+    enough loads in flight (measured: a 4096-row int4 GEMV was latency-bound at ~2 programs an
+    SM). GEMV tiles are tried in each GEMV_MODE the kernel has. Prefill tiles: no split."""
     c = []
-    for bn, bk, warps, stages in ((8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4), (32, 128, 4, 3), (32, 256, 8, 3),
-                                  (64, 128, 4, 3)):
+    for bn, bk, warps, stages in ((8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4), (32, 128, 4, 3)):
         for mode in gemv_modes:
-            c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode}, num_warps=warps,
-                                   num_stages=stages))
-    for bn, bk in ((32, 128), (64, 128), (32, 256), (128, 64)):
-        c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0}, num_warps=4, num_stages=3))
+            for split in (1, 4, 8):
+                c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode, "SPLIT": split},
+                                       num_warps=warps, num_stages=stages))
+    for bn, bk in ((32, 128), (64, 128), (32, 256)):
+        for split in (1, 4):
+            c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": split},
+                                   num_warps=4, num_stages=3))
     for bm, bn, bk, warps in ((64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (32, 64, 128, 4)):
-        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0}, num_warps=warps,
-                               num_stages=3))
+        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": 1},
+                               num_warps=warps, num_stages=3))
     return c
 
 
@@ -109,36 +114,43 @@ def tuned(kernel, consts: list[str], gemv_modes: tuple[int, ...] = (0,)):
         return kernel
     import triton.testing  # noqa: F401 - _bench needs it
 
-    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "SPLIT", "GROUP", *consts], do_bench=_bench,
+    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "GROUP", *consts], do_bench=_bench,
                            prune_configs_by={"early_config_prune": prune_by_m})(kernel)
 
 
 def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, k: int, x: torch.Tensor,
            config: dict | None = None, **consts) -> torch.Tensor:
     """Run ``run`` as kernel(*tensors, y, M, N, K, *scalars, M_BUCKET, *strides, stride_ym, stride_ys, ...)
-    and return y (M, N) in x's dtype."""
-    cfg = dict(config) if config is not None else (fixed_config(m) if INTERPRET else None)
-    split = (cfg or {}).pop("SPLIT", None) or choose_split(m, n, k, x.device)
-    if split == 1:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        stride_ym, stride_ys = y.stride(0), 0
-    else:
-        y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
-        stride_ym, stride_ys = y.stride(1), y.stride(0)
-    consts.update(SPLIT=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    args = (*tensors, y, m, n, k, *scalars, m_bucket(m), *strides, stride_ym, stride_ys)
+    and return y (M, N) in x's dtype.
+
+    An autotuner (CUDA) picks the tiles and, at decode, the split: every decode config writes fp32
+    partial sums into a buffer of MAX_SPLIT slots, of which the chosen config's are added. A fixed
+    ``config`` (and the interpreter's) carries its SPLIT or gets ``choose_split``'s; split 1 then
+    stores y directly."""
+    consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
+    bucket = m_bucket(m)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
 
-    if cfg is None:
-        run[grid](*args, **consts)
-    else:
-        kernel = run if INTERPRET else run.fn  # a fixed config bypasses the autotuner
-        if not INTERPRET:
-            cfg.setdefault("num_warps", 4)
-        kernel[grid](*args, **consts, **cfg)
-    return y if split == 1 else y.sum(0, dtype=x.dtype)
+    if config is None and hasattr(run, "configs"):  # autotuned
+        decode = bucket <= 16
+        y = torch.empty((MAX_SPLIT, m, n) if decode else (m, n), device=x.device,
+                        dtype=torch.float32 if decode else x.dtype)
+        strides_y = (y.stride(1), y.stride(0)) if decode else (y.stride(0), 0)
+        run[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts)
+        return y[: run.best_config.kwargs["SPLIT"]].sum(0, dtype=x.dtype) if decode else y
+    cfg = dict(config) if config is not None else fixed_config(m)
+    cfg["SPLIT"] = cfg.get("SPLIT") or choose_split(m, n, k, x.device)
+    split = cfg["SPLIT"]
+    y = torch.empty((split, m, n) if split > 1 else (m, n), device=x.device,
+                    dtype=torch.float32 if split > 1 else x.dtype)
+    strides_y = (y.stride(1), y.stride(0)) if split > 1 else (y.stride(0), 0)
+    kernel = run.fn if hasattr(run, "configs") else run  # a fixed config bypasses the autotuner
+    if not INTERPRET:
+        cfg.setdefault("num_warps", 4)
+    kernel[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts, **cfg)
+    return y.sum(0, dtype=x.dtype) if split > 1 else y
 
 
 if triton is not None:

@@ -99,3 +99,30 @@ def test_kernel_model_from_a_2_4_int4_export_computes_the_exported_logits(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,tiles", [(1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "GEMV_MODE": 1, "SPLIT": 3}),
+                                     (4, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 2}),
+                                     (20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 1})])
+def test_the_autotuned_path_adds_exactly_the_chosen_configs_partial_sums(monkeypatch, m, tiles):
+    """CUDA's launch path (an autotuner picks tiles and split; decode writes fp32 partials into
+    MAX_SPLIT slots, of which the chosen config's are added), run here through a real one-config
+    Triton autotuner: summing any other number of slots, or reading uninitialized ones, fails."""
+    from kernels import sparse24, wna16
+    from kernels.selftest import random_meta, random_packed
+    from kernels.sparse24 import torch_sparse24
+    from kernels.wna16 import torch_wna16
+
+    def one_config(kernel):
+        return triton.autotune(configs=[triton.Config(tiles)], key=["M_BUCKET", "N", "K"])(kernel)
+
+    monkeypatch.setattr(wna16, "_wna16_run", one_config(wna16._wna16_kernel))
+    monkeypatch.setattr(sparse24, "_sparse24_run", one_config(sparse24._sparse24_kernel))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, 256, generator=g)
+    packed, scale = random_packed(40, 256, 4, g), torch.rand(40, 4, generator=g) * 0.02
+    torch.testing.assert_close(triton_wna16(x, packed, scale, None, 4), torch_wna16(x, packed, scale, None, 4),
+                               rtol=1e-5, atol=1e-5)
+    codes, meta = random_packed(40, 128, 4, g), random_meta(40, 256, g)
+    torch.testing.assert_close(triton_sparse24(x, codes, meta, scale), torch_sparse24(x, codes, meta, scale),
+                               rtol=1e-5, atol=1e-5)
