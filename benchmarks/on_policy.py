@@ -32,6 +32,9 @@ ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
     "on_policy": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {ON_POLICY}}}, {EVAL}]", TRAIN),
+    # GKD's order: a supervised (here KD) student first, then on-policy, at the same 60 steps in all
+    "kd_then_on_policy": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
+                                   f"loss: forward_kl, max_steps: 30, on_policy: {ON_POLICY}}}, {EVAL}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
@@ -47,6 +50,8 @@ def acceptance(result: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_arguments(ap, ["ce", "kd", "on_policy"], list(ARMS), "runs/bench_on_policy", "on_policy")
+    ap.add_argument("--baseline", help="an earlier results JSON of this script whose arms the verdicts also "
+                                       "compare against (e.g. benchmarks/results/on_policy.json)")
     args = ap.parse_args()
     results, _, wall = run_sweep(ARMS, DEFAULT_RECIPE, args)
     stats = arm_stats(results, METRICS)
@@ -54,13 +59,20 @@ def main() -> int:
         if by_seed:
             stats[a]["acceptance"] = mean_std([acceptance(r) for r in by_seed.values()])
             stats[a]["seconds"] = mean_std([r["seconds"] for r in by_seed.values() if r.get("seconds")] or [0.0])
+    earlier = {}
+    if args.baseline:  # arms measured by an earlier sweep of this script (same recipe, seeds and budget)
+        import json
+
+        earlier = {a: st for a, st in json.loads(Path(args.baseline).read_text())["summary"].items() if a not in stats}
     verdict = {}
-    if "on_policy" in stats:
-        for other in ("kd", "ce", "seq_kd"):
-            if other in stats:
-                verdict[f"on_policy accepts more drafts (k={K}) than {other}"] = \
-                    f"{compare(stats['on_policy']['acceptance'], stats[other]['acceptance'], 'higher')} " \
-                    f"({stats['on_policy']['acceptance']['mean']:.3f} vs {stats[other]['acceptance']['mean']:.3f})"
+    for mine in ("on_policy", "kd_then_on_policy"):
+        for other in ("kd", "ce", "seq_kd", "on_policy"):
+            theirs = stats.get(other) or earlier.get(other)
+            if mine in stats and other != mine and theirs is not None:
+                tag = "" if other in stats else f" (from {args.baseline})"
+                verdict[f"{mine} accepts more drafts (k={K}) than {other}{tag}"] = \
+                    f"{compare(stats[mine]['acceptance'], theirs['acceptance'], 'higher')} " \
+                    f"({stats[mine]['acceptance']['mean']:.3f} vs {theirs['acceptance']['mean']:.3f})"
     for a in stats:
         if a != "ce" and "ce" in stats:
             verdict[f"{a} vs ce, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats["ce"]["ppl_ratio"], "lower")
@@ -72,8 +84,11 @@ def main() -> int:
     for st in stats.values():
         st["acceptance_pm"], st["seconds_pm"] = pm(st["acceptance"], ".3f"), pm(st["seconds"], ".0f")
     teacher = {"arm": "teacher", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1"}
+    shown = {**{f"{a} (earlier sweep)": st for a, st in earlier.items()}, **stats}
     md = arms_markdown("On-policy KD (GKD) vs KD vs CE, SmolLM2-135M-Instruct → 16-layer student, held-out Python docs",
-                       "on_policy.py", args, stats, METRICS, verdict, wall, results, notes, columns, teacher)
+                       "on_policy.py", args, shown, METRICS, verdict, wall, results, notes, columns, teacher)
+    if earlier:
+        md += f"\nRows marked (earlier sweep) come from {args.baseline}: same recipe, seeds and budget, run before.\n"
     write_results(args.tag, sweep_payload(args, wall, ARMS, results, stats, verdict), md)
     return 0
 
