@@ -35,6 +35,9 @@ ARMS = {
     # GKD's order: a supervised (here KD) student first, then on-policy, at the same 60 steps in all
     "kd_then_on_policy": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                    f"loss: forward_kl, max_steps: 30, on_policy: {ON_POLICY}}}, {EVAL}]", TRAIN),
+    # the control for the arm above: the same two 30-step stages (each re-warms the learning rate), both KD
+    "kd_two_stages": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
+                               f"loss: forward_kl, max_steps: 30}}, {EVAL}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
@@ -66,7 +69,7 @@ def main() -> int:
         earlier = {a: st for a, st in json.loads(Path(args.baseline).read_text())["summary"].items() if a not in stats}
     verdict = {}
     for mine in ("on_policy", "kd_then_on_policy"):
-        for other in ("kd", "ce", "seq_kd", "on_policy"):
+        for other in ("kd", "ce", "seq_kd", "on_policy", "kd_two_stages"):
             theirs = stats.get(other) or earlier.get(other)
             if mine in stats and other != mine and theirs is not None:
                 tag = "" if other in stats else f" (from {args.baseline})"

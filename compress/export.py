@@ -72,7 +72,13 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: 
         packed = packed_state(model)
         if packed is None:
             model = materialize(model)
-    model.config.use_cache = True  # for users who generate with the export
+    # for users who generate with the export: generate() reads generation_config, which a model built
+    # with from_config (gqa, upcycle, pruning) copied from a training config with use_cache off
+    gen = getattr(model, "generation_config", None)
+    gen_cache = getattr(gen, "use_cache", None)
+    model.config.use_cache = True
+    if gen is not None:
+        gen.use_cache = True
     try:
         if packed is not None:
             state, qconfig = packed
@@ -93,5 +99,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: 
         raise
     finally:
         model.config.use_cache = False
+        if gen is not None:
+            gen.use_cache = gen_cache
     publish_dir(tmp, out)
     return out

@@ -85,6 +85,9 @@ def test_gqa_then_distill_exports_a_stock_model_with_fewer_kv_heads(tiny_teacher
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.num_key_value_heads == 1 and final.model.layers[0].self_attn.v_proj.out_features == 16
     assert "modules.json" not in {f.name for f in (out / "final").iterdir()}
+    # generate() reads generation_config: built by from_config during training, it said use_cache False,
+    # and the export decoded every token over the whole context (16x slower at 1,024 tokens)
+    assert final.generation_config.use_cache is True
     summary = json.loads((out / "summary.json").read_text())
     after = next(r for r in summary["table"] if r["model"].startswith("after 0-gqa"))
     assert summary["metrics"]["final"]["kl"] < after["kl"]  # uptraining recovered some of the merge's loss
