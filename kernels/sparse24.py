@@ -147,15 +147,17 @@ if triton is not None:
                     even, odd = tl.split(tl.reshape(x.to(tl.float32), (QUADS, 2, 2)))  # columns {0, 2}, {1, 3}
                     x0, x2 = tl.split(even)
                     x1, x3 = tl.split(odd)
-                    xs = tl.where(pos == 0, x0[None, :, None], tl.where(pos == 1, x1[None, :, None],
-                                                                         tl.where(pos == 2, x2[None, :, None], x3[None, :, None])))
+                    xs = tl.where(pos == 0, x0[None, :, None],
+                                  tl.where(pos == 1, x1[None, :, None],
+                                           tl.where(pos == 2, x2[None, :, None], x3[None, :, None])))
                     acc_u += tl.sum(tl.reshape(v * xs, (BLOCK_N, UNITS, 8)), axis=2) * s
                 else:
                     # GEMM: the dense (BLOCK_N, BLOCK_K) tile built in registers, one tl.dot
                     v0, v1 = tl.split(v)
                     p0, p1 = tl.split(pos)
                     r = tl.arange(0, 4)[None, None, :]
-                    dense = tl.where(p0[:, :, None] == r, v0[:, :, None], tl.where(p1[:, :, None] == r, v1[:, :, None], 0.0))
+                    dense = tl.where(p0[:, :, None] == r, v0[:, :, None],
+                                     tl.where(p1[:, :, None] == r, v1[:, :, None], 0.0))
                     if INT4 and not ONE_GROUP:
                         dense = tl.reshape(tl.reshape(dense, (BLOCK_N, UNITS, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
                     w = tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(x.dtype)

@@ -4,12 +4,15 @@ of weights meets x, the store).
 
 Two paths, chosen by BLOCK_M:
     BLOCK_M == 1   GEMV (one token a row of x): the weight tile times x, summed along K in
-                   registers (``rows_scaled``); no tensor cores, nothing padded to 16 rows.
-    BLOCK_M >= 16  GEMM (``dot_scaled``): ``tl.dot`` in x's dtype with an fp32 accumulator.
-Scales multiply a group's partial sum, not each weight, when a tile lies inside one group; a tile
-spanning several groups is scaled per group through a (BLOCK_N, groups, group) view. Group sizes
-are powers of two, so a tile either lies inside one group or holds whole groups; one scale per
-row is passed as ``PER_ROW`` (a group longer than any K).
+                   registers; no tensor cores, nothing padded to 16 rows. Two modes (GEMV_MODE),
+                   which the autotuner picks between per kernel and shape.
+    BLOCK_M >= 16  GEMM: one ``tl.dot`` a tile in x's dtype with an fp32 accumulator.
+Scales multiply a tile's partial sums when the tile lies inside one group, each word's (or unit's)
+values otherwise. Group sizes are powers of two, so a tile either lies inside one group or holds
+whole groups; one scale per row is passed as ``PER_ROW`` (a group longer than any K). The jit
+pieces: ``k_range`` (a program's share of K), ``load_x``, ``load_per_group`` (scales, zero
+points), ``codes_to_float`` (integer codes to floats without an int-to-float instruction) and
+``store_tile``.
 
 Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
 ``sum`` on the host (the autotuner chooses SPLIT among 1, 4 and 8; a fixed config gets
@@ -114,7 +117,8 @@ def tuned(kernel, consts: list[str], gemv_modes: tuple[int, ...] = (0,)):
         return kernel
     import triton.testing  # noqa: F401 - _bench needs it
 
-    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "GROUP", *consts], do_bench=_bench,
+    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "GROUP", *consts],
+                           do_bench=_bench,
                            prune_configs_by={"early_config_prune": prune_by_m})(kernel)
 
 

@@ -107,7 +107,8 @@ if triton is not None:
             scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
             s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
             if HAS_ZERO:  # offset-binary, and the zero point, taken off the codes together (fp32)
-                off = load_per_group(z_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32) + (1 << (BITS - 1))
+                zero = load_per_group(z_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP)
+                off = zero.to(tl.float32) + (1 << (BITS - 1))
             else:
                 off = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
             if BLOCK_M == 1 and GEMV_MODE == 0:
