@@ -35,6 +35,10 @@ ARMS = {
     # GKD's order: a supervised (here KD) student first, then on-policy, at the same 60 steps in all
     "kd_then_on_policy": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                    f"loss: forward_kl, max_steps: 30, on_policy: {ON_POLICY}}}, {EVAL}]", TRAIN),
+    # the same, with fewer and cooler student samples (lmbda 0.25, temperature 0.7, top_p 0.9)
+    "kd_then_on_policy_cool": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
+                                        f"loss: forward_kl, max_steps: 30, on_policy: {{lmbda: 0.25, prompt_tokens: 32, "
+                                        f"temperature: 0.7, top_p: 0.9}}}}, {EVAL}]", TRAIN),
     # the control for the arm above: the same two 30-step stages (each re-warms the learning rate), both KD
     "kd_two_stages": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                f"loss: forward_kl, max_steps: 30}}, {EVAL}]", TRAIN),
@@ -68,7 +72,7 @@ def main() -> int:
 
         earlier = {a: st for a, st in json.loads(Path(args.baseline).read_text())["summary"].items() if a not in stats}
     verdict = {}
-    for mine in ("on_policy", "kd_then_on_policy"):
+    for mine in ("on_policy", "kd_then_on_policy", "kd_then_on_policy_cool"):
         for other in ("kd", "ce", "seq_kd", "on_policy", "kd_two_stages"):
             theirs = stats.get(other) or earlier.get(other)
             if mine in stats and other != mine and theirs is not None:
