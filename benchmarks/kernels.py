@@ -84,7 +84,7 @@ def weights(n: int, k: int, g):
     pairs = torch.tensor([4, 8, 12, 9, 13, 14], dtype=torch.uint8, device="cuda")
     nib = pairs[torch.randint(0, 6, (n, k // 4), device="cuda", generator=g)]
     return {"w": torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
-            "p4": words(k // 8), "p8": words(k // 4), "scale": scale, "group": group,
+            "p4": words(k // 8), "p8": words(k // 4), "scale": scale,
             "meta": nib[:, 0::2] | (nib[:, 1::2] << 4),
             "values": torch.randn(n, k // 2, device="cuda", dtype=torch.bfloat16, generator=g), "codes": words(k // 16)}
 

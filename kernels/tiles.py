@@ -1,6 +1,6 @@
 """What the Triton kernels share: the tile configs, the split-K choice, the launch, and the jit
-pieces every kernel's K loop is made of (the x tile, the per-group scales, the two ways a tile
-of weights meets x, the store).
+pieces every kernel's K loop is made of (its share of K, the x tile, the per-group scales, codes
+to floats, the store).
 
 Two paths, chosen by BLOCK_M:
     BLOCK_M == 1   GEMV (one token a row of x): the weight tile times x, summed along K in
@@ -138,24 +138,28 @@ def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, 
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
 
     if config is None and hasattr(run, "configs"):  # autotuned
-        decode = bucket <= 16
-        y = torch.empty((MAX_SPLIT, m, n) if decode else (m, n), device=x.device,
-                        dtype=torch.float32 if decode else x.dtype)
-        strides_y = (y.stride(1), y.stride(0)) if decode else (y.stride(0), 0)
+        slots = MAX_SPLIT if bucket <= 16 else 1
+        y, strides_y = _output(slots, m, n, x)
         run[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts)
-        return y[: run.best_config.kwargs["SPLIT"]].sum(0, dtype=x.dtype) if decode else y
+        return y[: run.best_config.kwargs["SPLIT"]].sum(0, dtype=x.dtype) if slots > 1 else y
     cfg = dict(config) if config is not None else fixed_config(m)
     cfg["SPLIT"] = cfg.get("SPLIT") or choose_split(m, n, k, x.device)
-    split = cfg["SPLIT"]
-    y = torch.empty((split, m, n) if split > 1 else (m, n), device=x.device,
-                    dtype=torch.float32 if split > 1 else x.dtype)
-    strides_y = (y.stride(1), y.stride(0)) if split > 1 else (y.stride(0), 0)
+    y, strides_y = _output(cfg["SPLIT"], m, n, x)
     kernel = run.fn if hasattr(run, "configs") else run  # a fixed config bypasses the autotuner
     if not INTERPRET:
         cfg.setdefault("num_warps", 4)
     kernel[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts, **cfg)
-    return y.sum(0, dtype=x.dtype) if split > 1 else y
+    return y.sum(0, dtype=x.dtype) if cfg["SPLIT"] > 1 else y
 
+
+def _output(slots: int, m: int, n: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The kernel's y and its (row, slot) strides: y itself in x's dtype for one slot, else fp32
+    partial sums, one (M, N) slot per K split."""
+    if slots == 1:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        return y, (y.stride(0), 0)
+    y = torch.empty(slots, m, n, device=x.device, dtype=torch.float32)
+    return y, (y.stride(1), y.stride(0))
 
 if triton is not None:
     @triton.jit
