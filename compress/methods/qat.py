@@ -12,6 +12,9 @@ and KV-cache quantization, exported as compressed-tensors (transformers, vLLM) o
         weights: {bits: 4, group_size: 32}
         method: gptq                   # rtn (default) | gptq (compress.gptq, on calibration text)
 
+A ``qat`` stage takes ``method: gptq`` too: training then starts from GPTQ's weights, with GPTQ's
+scales held fixed (the weights move on that grid), instead of from round to nearest.
+
 The transform swaps every targeted ``nn.Linear`` (``targets`` name suffixes, minus ``ignore``) for
 a ``QuantLinear``: float master weights, forward through the format's quantize-dequantize
 (``compress.formats``) with a straight-through gradient; its params (scales, zero points) are
@@ -266,19 +269,35 @@ def check_fit(cfg: WeightQuant, model_cfg) -> None:
             cfg.wformat().check(model_cfg.hidden_size, target)
 
 
-class QatStage(DistillStage):
-    """Quantization-aware training: fake-quantized linears trained by KD (or CE) on the one loop."""
-
-    kind: Literal["qat"] = "qat"
-    weights: WeightQuant = Field(default_factory=WeightQuant)
-    kv_cache: KVCacheQuant | None = None  # fake-quantized K/V during training (the model learns the rounding)
-
-
 class GPTQConfig(Strict):
     calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
     block_size: int = Field(128, ge=1)          # columns per lazy-batch update
     dampening: float = Field(0.01, gt=0.0)      # fraction of mean(diag H) added to the diagonal
     act_order: bool = False                      # columns in decreasing diag(H) (static groups)
+
+
+class WeightsFrom(Strict):
+    """How the quantized weights are set before any training: round to nearest (the params follow
+    the weight at every step), or GPTQ (its compensated weights, its params then held fixed)."""
+
+    method: Literal["rtn", "gptq"] = "rtn"
+    gptq: GPTQConfig = Field(default_factory=GPTQConfig)
+
+    @model_validator(mode="after")
+    def _gptq_scales(self) -> "WeightsFrom":
+        if self.method == "gptq" and self.weights.learn_scales:
+            raise ValueError("learn_scales starts from the weights' own scales, but method: gptq fixes GPTQ's: "
+                             "drop one of them")
+        return self
+
+
+class QatStage(WeightsFrom, DistillStage):
+    """Quantization-aware training: fake-quantized linears trained by KD (or CE) on the one loop;
+    with ``method: gptq`` training starts from GPTQ's weights and keeps its scales."""
+
+    kind: Literal["qat"] = "qat"
+    weights: WeightQuant = Field(default_factory=WeightQuant)
+    kv_cache: KVCacheQuant | None = None  # fake-quantized K/V during training (the model learns the rounding)
 
 
 def gguf_source(cfg: WeightQuant, recipe) -> str | None:
@@ -307,7 +326,7 @@ class QuantizesWeights:
         cfg, ctx = self.cfg, self.ctx
         swapped = quantize_linears(model, cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
         info = {"format": cfg.weights.wformat().name, "modules": len(swapped), "activations": cfg.weights.activations}
-        if getattr(cfg, "method", "rtn") == "gptq":
+        if cfg.method == "gptq":
             g = cfg.gptq
             blocks = ctx.calibration(g.calibration_blocks)
             losses = gptq_model(model, blocks, swapped, ctx.recipe.train.micro_batch_size, g.block_size,
@@ -343,13 +362,11 @@ class Qat(QuantizesWeights, Distill):
     """KD (or CE) training of the fake-quantized student on the one loop."""
 
 
-class QuantizeStage(StageConfig):
+class QuantizeStage(WeightsFrom, StageConfig):
     """Post-training quantization, no training: round to nearest, or GPTQ on calibration text."""
 
     kind: Literal["quantize"] = "quantize"
     weights: WeightQuant = Field(default_factory=WeightQuant)
-    method: Literal["rtn", "gptq"] = "rtn"
-    gptq: GPTQConfig = Field(default_factory=GPTQConfig)
     kv_cache: KVCacheQuant | None = None
     max_steps: None = None
 
