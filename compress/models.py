@@ -203,10 +203,10 @@ def check_fit(recipe) -> None:
             shared_vocab(t_tok, s_tok)
         except CompressError as e:
             for i, stage in enumerate(recipe.stages):
-                if method_class(stage).needs_teacher and getattr(stage, "cross_tokenizer", None) is None:
+                method = method_class(stage)
+                if method.needs_teacher and not method.across_tokenizers and getattr(stage, "cross_tokenizer", None) is None:
                     raise CompressError(f"{str(e).split(';')[0]}; stage {i} ({stage.kind}) compares the two token by "
-                                        "token: set cross_tokenizer: {method: uld} (or gold) on distill stages, and "
-                                        "run eval stages on a student with the teacher's tokenizer") from None
+                                        "token: set cross_tokenizer: {method: uld} (or gold) on it") from None
     # each stage checks itself against the student's shape as it enters that stage
     for stage in recipe.stages:
         method = method_class(stage)

@@ -55,7 +55,7 @@ def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
         ax.scatter(m["bytes"] / 2**20, m["ppl_ratio"])
         ax.annotate(m["name"], (m["bytes"] / 2**20, m["ppl_ratio"]), fontsize=8)
     ax.set_xlabel("weights (MiB)")
-    ax.set_ylabel("perplexity / teacher's")
+    ax.set_ylabel("bits per byte / teacher's" if models[0].get("bpb") else "perplexity / teacher's")
     ax.set_yscale("log")
     if with_mmlu:
         ax = axes[0][1]
@@ -88,10 +88,11 @@ def _quality_models(results: dict | None, summary: dict | None) -> list[dict]:
     if results:
         t, s = results["teacher"], results["student"]
         mmlu = next((k for k in s["lm_eval"] if k.startswith("mmlu")), None)
-        models.append({"name": "teacher", "bytes": t["bytes"], "ppl_ratio": 1.0,
+        bpb = "ppl_ratio" not in s  # a student with its own tokenizer: bits per byte, not per token
+        models.append({"name": "teacher", "bytes": t["bytes"], "ppl_ratio": 1.0, "bpb": bpb,
                        "mmlu": t["lm_eval"][mmlu]["acc"] if mmlu else None})
-        models.append({"name": "student", "bytes": s["bytes"], "ppl_ratio": s["ppl_ratio"],
-                       "mmlu": s["lm_eval"][mmlu]["acc"] if mmlu else None})
+        models.append({"name": "student", "bytes": s["bytes"], "ppl_ratio": s["bpb_ratio" if bpb else "ppl_ratio"],
+                       "bpb": bpb, "mmlu": s["lm_eval"][mmlu]["acc"] if mmlu else None})
     elif summary:
         for row in summary.get("table", []):
             if row.get("bytes_on_disk") and row.get("ppl_ratio"):
@@ -101,13 +102,19 @@ def _quality_models(results: dict | None, summary: dict | None) -> list[dict]:
 
 def eval_tables(results: dict) -> str:
     t, s = results["teacher"], results["student"]
-    rows = [{"model": "teacher", "params": t["params"], "bytes": t["bytes"], "ppl": t["ppl"], "ppl_ratio": 1.0},
+    # one tokenizer: token-level ppl ratio, agreement, KL; a student with its own: bits per byte
+    cross = "bpb_ratio" in s
+    rows = [{"model": "teacher", "params": t["params"], "bytes": t["bytes"], "ppl": t.get("ppl"),
+             "ppl_ratio": None if cross else 1.0, "bpb": t.get("bpb"), "bpb_ratio": 1.0 if cross else None},
             {"model": "student", "params": s["params"], "bytes": s["bytes"], "ppl": s["student_ppl"],
-             "ppl_ratio": s["ppl_ratio"], "top1_agreement": s["top1_agreement"], "kl": s["kl"]}]
+             **{k: s.get(k) for k in ("ppl_ratio", "top1_agreement", "kl", "bpb_ratio")}, "bpb": s.get("student_bpb")}]
     for name, r in (("teacher", rows[0]), ("student", rows[1])):
         r.update(results["headline"][name])
-    cols = ["model", "params", "bytes", "ppl", "ppl_ratio", "top1_agreement", "kl", *results["headline"]["student"]]
+    level = ["bpb", "bpb_ratio"] if cross else ["ppl_ratio", "top1_agreement", "kl"]
+    cols = ["model", "params", "bytes", "ppl", *level, *results["headline"]["student"]]
     parts = ["## Quality vs the teacher", "", format_table(rows, cols)]
+    if results.get("speculative_skipped"):
+        parts += ["", f"Speculative decoding: skipped ({results['speculative_skipped']})."]
     if results["speculative"]:
         spec_cols = ["k", "n_prompts", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
                      "speedup", "exact_match", "first_divergence", "dtype", "hf_assisted_tokens_per_s",

@@ -137,6 +137,7 @@ class StageMethod:
     config_type: type = StageConfig
     needs_teacher = False  # the stage reads ctx.teacher (Recipe.needs_teacher)
     distills = False  # the stage learns from every teacher (ctx.extra_teachers are loaded for it)
+    across_tokenizers = False  # the stage compares a student with its own tokenizer to the teacher by itself
     trains = True  # has a training phase on the one loop (Recipe.stage_steps)
     changes_model = True  # False for read-only stages (eval): nothing is saved for them
     results: dict | None = None  # what a read-only stage reports (eval: the eval.json dict)

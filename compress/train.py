@@ -18,7 +18,7 @@ from compress.checkpoint import latest_step, mark_complete, step_tag
 from compress.constraints import constrained_params, enforce
 from compress.data import rank_micro_indices, sample_indices
 from compress.lora import add_lora
-from compress.metrics import pair_metrics
+from compress.metrics import bits_per_byte, pair_metrics
 from compress.models import rotary_kept_fp32
 from compress.stages import RunContext, StageMethod
 
@@ -84,9 +84,13 @@ def evaluate(ctx: RunContext, student_logits) -> dict:
     tr = ctx.recipe.train
     blocks = ctx.data.val[: tr.eval_blocks]
     kw = dict(batch_size=tr.micro_batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device)
-    # token-by-token comparisons need one vocabulary: across tokenizers only the student's own metrics
-    teacher = ctx.teacher.logits if ctx.teacher is not None and ctx.teacher_tokenizer is None else None
-    return pair_metrics(student_logits, teacher, blocks, **kw)
+    # token-by-token comparisons need one vocabulary: across tokenizers, the student's own metrics
+    # and both models' bits per byte of the same text
+    cross = ctx.teacher is not None and ctx.teacher_tokenizer is not None
+    out = pair_metrics(student_logits, None if cross or ctx.teacher is None else ctx.teacher.logits, blocks, **kw)
+    if cross:
+        out |= bits_per_byte(student_logits, ctx.teacher.logits, blocks, ctx.tokenizer, ctx.teacher_tokenizer, **kw)
+    return out
 
 
 def train_stage(index: int, method: StageMethod, student: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from compress.checkpoint import publish_file
 from compress.export import bytes_on_disk
-from compress.metrics import pair_metrics
+from compress.metrics import bits_per_byte, pair_metrics
 from compress.models import param_count
 from eval.harness import run_lm_eval
 from eval.speculative import assisted_generate_hf, serve_prompts
@@ -80,6 +80,8 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
     def add(name, value, threshold, ok):
         out.append({"gate": name, "value": value, "threshold": threshold, "passed": bool(ok)})
 
+    if gates.bpb_ratio_max is not None:
+        add("bpb_ratio <= max", pair["bpb_ratio"], gates.bpb_ratio_max, pair["bpb_ratio"] <= gates.bpb_ratio_max)
     if gates.ppl_ratio_max is not None:
         add("ppl_ratio <= max", pair["ppl_ratio"], gates.ppl_ratio_max, pair["ppl_ratio"] <= gates.ppl_ratio_max)
     if gates.top1_min is not None:
@@ -152,11 +154,14 @@ def teacher_lm_eval(teacher, tokenizer, cfg, data: dict | None) -> tuple[dict, b
 
 
 def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *, student_dir=None,
-                  device="cpu", data: dict | None = None, show: bool = True) -> dict:
+                  device="cpu", data: dict | None = None, show: bool = True, teacher_tokenizer=None) -> dict:
     """Everything the eval stage and ``launch/evaluate.py`` report, as one JSON-able dict.
 
     ``data`` is the run's data section (``DataConfig.model_dump()``): our held-out text tasks
     score exactly the documents that training held out. ``results["seconds"]`` times each phase.
+    With ``teacher_tokenizer`` (a student with its own tokenizer) the teacher runs lm-eval with
+    its own, the pair is compared in bits per byte of the same text, and the speculative check,
+    which verifies draft tokens id by id, is skipped and says why.
     """
     student.eval()
     teacher.eval()
@@ -171,22 +176,29 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
         clock = now
 
     blocks = val_blocks[: cfg.eval_blocks]
-    pair = pair_metrics(lambda x: student(input_ids=x).logits, lambda x: teacher(input_ids=x).logits, blocks,
-                        batch_size=cfg.batch_size, device=device, progress=show)
+    s_fn, t_fn = (lambda x: student(input_ids=x).logits), (lambda x: teacher(input_ids=x).logits)
+    if teacher_tokenizer is None:
+        pair = pair_metrics(s_fn, t_fn, blocks, batch_size=cfg.batch_size, device=device, progress=show)
+    else:
+        pair = pair_metrics(s_fn, None, blocks, batch_size=cfg.batch_size, device=device, progress=show)
+        pair |= bits_per_byte(s_fn, t_fn, blocks, tokenizer, teacher_tokenizer, batch_size=cfg.batch_size, device=device)
     lap("teacher-relative metrics")
-    t_scores, cached = teacher_lm_eval(teacher, tokenizer, cfg, data) if cfg.tasks else ({}, False)
+    t_scores, cached = teacher_lm_eval(teacher, teacher_tokenizer or tokenizer, cfg, data) if cfg.tasks else ({}, False)
     lap("lm-eval, teacher (cached)" if cached else "lm-eval, teacher")
     s_scores = run_lm_eval(student, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
                            max_length=cfg.max_length, data=data) if cfg.tasks else {}
     lap("lm-eval, student")
     results["teacher"] = {"params": param_count(teacher), "bytes": param_count(teacher) * next(teacher.parameters()).element_size(),
-                          "lm_eval": t_scores, "ppl": pair["teacher_ppl"]}
+                          "lm_eval": t_scores, "ppl": pair.get("teacher_ppl"), "bpb": pair.get("teacher_bpb")}
     results["student"] = {"params": param_count(student),
                           "bytes": bytes_on_disk(student_dir) if student_dir else param_count(student) * next(student.parameters()).element_size(),
                           "lm_eval": s_scores, **pair}
     results["headline"] = {"teacher": _primary(t_scores), "student": _primary(s_scores)}
     spec = []
-    if cfg.speculative is not None:
+    if cfg.speculative is not None and teacher_tokenizer is not None:
+        results["speculative_skipped"] = ("student and teacher tokenizers differ: the teacher verifies a draft's "
+                                          "tokens id by id, so the check needs one vocabulary")
+    elif cfg.speculative is not None:
         sc = cfg.speculative
         prompts = [b[: sc.prompt_tokens].long().reshape(1, -1).to(device) for b in val_blocks[-sc.prompts:]]
         spec = speculative_report(teacher, student, prompts, sc, show=show)

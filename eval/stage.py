@@ -52,6 +52,7 @@ class Gates(Strict):
     """Pass/fail thresholds relative to the teacher; a failed gate makes the run exit non-zero."""
 
     ppl_ratio_max: float | None = Field(None, gt=0)
+    bpb_ratio_max: float | None = Field(None, gt=0)  # bits per byte / teacher's: for a student with its own tokenizer
     mmlu_min_ratio: float | None = Field(None, gt=0)  # student MMLU acc / teacher MMLU acc
     acc_min_ratio: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # {task: student/teacher acc}
     top1_min: float | None = Field(None, ge=0, le=1)
@@ -86,12 +87,23 @@ class Evaluate(StageMethod):
     needs_teacher = True
     trains = False
     changes_model = False
+    across_tokenizers = True  # compares a student with its own tokenizer in bits per byte
 
     @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
+        from compress.errors import CompressError
         from eval.harness import check_tasks
 
         check_tasks(cfg.tasks)
+        g = cfg.gates
+        if recipe.student.tokenizer is not None:
+            token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(g, k) is not None]
+            if token_gates:
+                raise CompressError(f"eval gates {token_gates} compare student and teacher token by token, but "
+                                    f"student.tokenizer is {recipe.student.tokenizer!r}: use gates.bpb_ratio_max")
+        elif g.bpb_ratio_max is not None:
+            raise CompressError("gates.bpb_ratio_max is for a student with its own tokenizer (student.tokenizer); "
+                                "with one tokenizer use gates.ppl_ratio_max")
 
     def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
         from eval.runner import evaluate_pair
@@ -105,7 +117,8 @@ class Evaluate(StageMethod):
         if not path.exists() and (ctx.is_main or lockstep):
             model.eval()
             results = evaluate_pair(model, ctx.teacher.model, ctx.tokenizer, self.cfg, ctx.data.val,
-                                    device=ctx.device, data=ctx.recipe.data.model_dump(mode="json"))
+                                    device=ctx.device, data=ctx.recipe.data.model_dump(mode="json"),
+                                    teacher_tokenizer=ctx.teacher_tokenizer)
             if ctx.is_main:
                 publish_file(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
                 ctx.logger.log({"stage": int(stage_dir.name.split("-")[0]), "step": 0,

