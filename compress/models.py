@@ -204,9 +204,12 @@ def check_fit(recipe) -> None:
         except CompressError as e:
             for i, stage in enumerate(recipe.stages):
                 method = method_class(stage)
-                if method.needs_teacher and not method.across_tokenizers and getattr(stage, "cross_tokenizer", None) is None:
+                if method.across_tokenizers:
+                    method.check_across_tokenizers(stage, i)
+                elif method.needs_teacher and getattr(stage, "cross_tokenizer", None) is None:
                     raise CompressError(f"{str(e).split(';')[0]}; stage {i} ({stage.kind}) compares the two token by "
-                                        "token: set cross_tokenizer: {method: uld} (or gold) on it") from None
+                                        "token: set cross_tokenizer: {method: uld} (or gold) on it, or use a student "
+                                        "with the teacher's tokenizer") from None
     # each stage checks itself against the student's shape as it enters that stage
     for stage in recipe.stages:
         method = method_class(stage)

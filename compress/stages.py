@@ -148,6 +148,11 @@ class StageMethod:
         self.transform_info: dict = {}  # what a transform reports (saved as <stage_dir>/transform.json)
 
     @classmethod
+    def check_across_tokenizers(cls, cfg, index: int) -> None:
+        """Pre-flight checks of an ``across_tokenizers`` stage once the student's tokenizer is known
+        to differ from the teacher's (raise CompressError on what cannot be compared then)."""
+
+    @classmethod
     def check(cls, cfg, recipe, configs: dict) -> None:
         """Cheap pre-flight checks of ``cfg`` against the recipe and the model configs
         (``configs["teacher"]``, ``configs["student"]``: the student as it enters this stage,

@@ -80,7 +80,9 @@ def check_gates(gates, teacher_scores: dict, student_scores: dict, pair: dict, s
     def add(name, value, threshold, ok):
         out.append({"gate": name, "value": value, "threshold": threshold, "passed": bool(ok)})
 
-    if gates.bpb_ratio_max is not None:
+    if gates.bpb_ratio_max is not None and "bpb_ratio" not in pair:  # one tokenizer: per-token ppl says it
+        add("bpb_ratio <= max (student shares the teacher's tokenizer: use ppl_ratio_max)", None, gates.bpb_ratio_max, False)
+    elif gates.bpb_ratio_max is not None:
         add("bpb_ratio <= max", pair["bpb_ratio"], gates.bpb_ratio_max, pair["bpb_ratio"] <= gates.bpb_ratio_max)
     if gates.ppl_ratio_max is not None:
         add("ppl_ratio <= max", pair["ppl_ratio"], gates.ppl_ratio_max, pair["ppl_ratio"] <= gates.ppl_ratio_max)

@@ -93,17 +93,22 @@ class Evaluate(StageMethod):
     def check(cls, cfg, recipe, configs: dict) -> None:
         from compress.errors import CompressError
         from eval.harness import check_tasks
+        from eval.tasks.utils import check_task_data
 
         check_tasks(cfg.tasks)
-        g = cfg.gates
-        if recipe.student.tokenizer is not None:
-            token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(g, k) is not None]
-            if token_gates:
-                raise CompressError(f"eval gates {token_gates} compare student and teacher token by token, but "
-                                    f"student.tokenizer is {recipe.student.tokenizer!r}: use gates.bpb_ratio_max")
-        elif g.bpb_ratio_max is not None:
+        check_task_data(cfg.tasks, recipe.data.model_dump(mode="json"))
+        if cfg.gates.bpb_ratio_max is not None and recipe.student.tokenizer is None and recipe.student.init != "checkpoint":
             raise CompressError("gates.bpb_ratio_max is for a student with its own tokenizer (student.tokenizer); "
                                 "with one tokenizer use gates.ppl_ratio_max")
+
+    @classmethod
+    def check_across_tokenizers(cls, cfg, index: int) -> None:
+        from compress.errors import CompressError
+
+        token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(cfg.gates, k) is not None]
+        if token_gates:
+            raise CompressError(f"stage {index} (eval): gates {token_gates} compare student and teacher token by "
+                                "token, but their tokenizers differ: use gates.bpb_ratio_max")
 
     def run(self, model: nn.Module, stage_dir: Path) -> nn.Module:
         from eval.runner import evaluate_pair

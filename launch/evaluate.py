@@ -104,6 +104,9 @@ def main(argv=None) -> int:
             raise CompressError("--gate bpb_ratio_max is for a student with its own tokenizer; this one shares "
                                 "the teacher's: use --gate ppl_ratio_max")
         check_tasks(cfg.tasks)
+        from eval.tasks.utils import check_task_data
+
+        check_task_data(cfg.tasks, export_data_config(args.model).model_dump(mode="json"))
         return run(args, cfg, tokenizer, teacher_tokenizer)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -386,9 +386,9 @@ def test_a_tokenizer_mismatch_needs_cross_tokenizer_on_every_teacher_stage(tiny_
     with pytest.raises(CompressError, match=r"stage 1 \(distill\)"):
         fit([{"kind": "distill", "cross_tokenizer": {"method": "uld"}}, {"kind": "distill"}])
     with pytest.raises(CompressError, match=r"\['ppl_ratio_max', 'acceptance_min'\] compare .* use gates.bpb_ratio_max"):
-        fit([{"kind": "eval", "gates": {"ppl_ratio_max": 2, "acceptance_min": 0.3}}])
+        fit([{"kind": "eval", "tasks": [], "gates": {"ppl_ratio_max": 2, "acceptance_min": 0.3}}])
     fit([{"kind": "distill", "cross_tokenizer": {"method": "gold"}}, {"kind": "finetune"}])  # no error
-    fit([{"kind": "eval", "gates": {"bpb_ratio_max": 2}}])  # eval compares the pair in bits per byte
+    fit([{"kind": "eval", "tasks": [], "gates": {"bpb_ratio_max": 2}}])  # eval compares the pair in bits per byte
 
 
 def test_bits_per_byte_counts_each_sides_own_tokens_and_bytes(tiny_teacher, teacher_tok):

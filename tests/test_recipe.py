@@ -77,6 +77,11 @@ BAD = {
     "missing plugin": (dict(plugins=["no_such_pkg.method"]), "plugin 'no_such_pkg.method' could not be imported"),
     "plugin kind unknown without it": (dict(stages=[{"kind": "toy_mask"}]), "unknown stage kind"),
     "bad eval task": (dict(stages=[{"kind": "eval", "tasks": ["no_such_task"]}]), "unknown lm-eval task"),
+    "cloze task on too little held-out text": (dict(stages=[{"kind": "distill"}, {"kind": "eval", "tasks": [
+        "pydocs_cloze_quick"]}]), "pydocs cloze task: 6 held-out documents give 160 items, 200 needed"),
+    "token-level gate across tokenizers": (dict(student={"init": "drop_layers", "tokenizer": "mistral-7b-v0.1"},
+                                                stages=[{"kind": "eval", "tasks": [], "gates": {"top1_min": 0.5}}]),
+                                           "use gates.bpb_ratio_max"),
     "on-policy lambda out of range": (dict(stages=[{"kind": "distill", "on_policy": {"lmbda": 2}}]),
                                       "`stages.0.on_policy.lmbda`"),
     "on-policy prompt fills the block": (dict(stages=[{"kind": "distill", "on_policy": {"prompt_tokens": 32}}]),

@@ -202,14 +202,26 @@ def cloze_items(docs: list[dict], seed: int = CLOZE_SEED) -> list[dict]:
     return items
 
 
-def _cloze(n: int | None, metadata: dict):
+def _cloze_items(n: int | None, metadata: dict) -> list[dict]:
     docs = pydocs_rows(**metadata)
     items = cloze_items(docs)
     need = n or CLOZE_QUICK_ITEMS
     if len(items) < need:
         raise CompressError(f"pydocs cloze task: {len(docs)} held-out documents give {len(items)} items, {need} needed; "
                             "hold out more documents (raise data.val_fraction, or drop data.max_docs)")
-    return _dataset(items[:n])
+    return items[:n]
+
+
+def _cloze(n: int | None, metadata: dict):
+    return _dataset(_cloze_items(n, metadata))
+
+
+def check_task_data(tasks: list[str], data: dict | None) -> None:
+    """Fail before any training or model load when the run's held-out text is too small for a
+    cloze task (the same check its dataset makes when lm-eval builds it)."""
+    for task, n in (("pydocs_cloze", None), ("pydocs_cloze_quick", CLOZE_QUICK_ITEMS)):
+        if task in tasks:
+            _cloze_items(n, data or {})
 
 
 def load_pydocs_cloze(**kwargs):
