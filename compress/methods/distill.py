@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -107,8 +108,8 @@ class DistillStage(StageConfig):
         if self.on_policy is not None and self.offline is not None:
             raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
         if self.cross_tokenizer is not None:
-            other = [k for k, v in (("chunk_tokens", self.chunk_tokens), ("offline", self.offline),
-                                    ("on_policy", self.on_policy), ("top_k", self.top_k)) if v is not None]
+            other = [k for k, v in (("offline", self.offline), ("on_policy", self.on_policy), ("top_k", self.top_k))
+                     if v is not None]
             if other or self.hidden_weight > 0:
                 raise ValueError(f"cross_tokenizer aligns two tokenizations and cannot be combined with "
                                  f"{other or ['hidden_weight']} yet; drop those")
@@ -237,23 +238,68 @@ class Distill(StageMethod):
             self.overlap = tuple(t.to(x.device) for t in vocab_overlap(s_tok, t_tok))
         al = align_batch(x.cpu(), s_tok, t_tok)
         al = {k: v.to(x.device) for k, v in al.items()}
+        xt = cfg.cross_tokenizer
+
+        def pair_loss(zs, zt):
+            if xt.method == "uld":
+                return uld_loss(zs, zt, temperature=cfg.temperature, top_k=xt.top_k) * cfg.temperature**2
+            return gold_loss(zs, zt, self.overlap, temperature=cfg.temperature, top_k=xt.top_k) * cfg.temperature**2
+
+        names = [f"kd{i if len(self.teachers) > 1 else ''}" for i in range(len(self.teachers))]
+        logs = {"aligned_fraction": al["pair_mask"].sum().float().detach() / x.numel()}
+        if cfg.chunk_tokens is not None:
+            total, out, parts = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss)
+            return with_model_losses(total, logs | {k: v for k, v in zip(names + ["ce"], parts) if v is not None},
+                                     out, module)
         out = module(input_ids=x)
-        total, logs = 0.0, {}
-        for i, (weight, teacher, _) in enumerate(self.teachers):
-            zs, zt = aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al)
-            if cfg.cross_tokenizer.method == "uld":
-                term = uld_loss(zs, zt, temperature=cfg.temperature, top_k=cfg.cross_tokenizer.top_k)
-            else:
-                term = gold_loss(zs, zt, self.overlap, temperature=cfg.temperature, top_k=cfg.cross_tokenizer.top_k)
-            term = term * cfg.temperature**2
-            logs[f"kd{i if len(self.teachers) > 1 else ''}"] = term.detach()
+        total = 0.0
+        for name, (weight, teacher, _) in zip(names, self.teachers):
+            term = pair_loss(*aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al))
+            logs[name] = term.detach()
             total = total + weight * term
-        logs["aligned_fraction"] = al["pair_mask"].sum().float().detach() / x.numel()
         if cfg.ce_weight > 0:
             ce = ce_loss(out.logits, batch["labels"])
             total = total + cfg.ce_weight * ce
             logs["ce"] = ce.detach()
         return with_model_losses(total, logs, out, module)
+
+    def _cross_tokenizer_chunked(self, module: nn.Module, x: torch.Tensor, labels: torch.Tensor, al: dict, pair_loss):
+        """The cross-tokenizer loss chunk by chunk over the student's flattened tokens: each chunk's
+        aligned pairs get their teacher logits from the teachers' final hidden states (rows t_pos),
+        so neither side's (tokens × vocabulary) logits exist whole. Equals the unchunked loss."""
+        cfg, student = self.cfg, _inner(module).student
+        keep = al["pair_mask"]
+        b = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(al["s_pos"])
+        flat_s = (b * x.shape[1] + al["s_pos"])[keep]  # increasing: rows in order, positions in order
+        flat_t = (b * al["teacher_ids"].shape[1] + al["t_pos"])[keep]
+        n_pairs = max(int(flat_s.numel()), 1)
+        teachers = [(w, t.final_hidden(al["teacher_ids"])[1].flatten(0, 1), t.head, t.config) for w, t, _ in self.teachers]
+        flat_labels = labels.flatten()
+        n_labels = (flat_labels != -100).sum().clamp_min(1)
+        sums = [torch.zeros((), device=x.device) for _ in range(len(teachers) + 1)]
+
+        def fn(logits, rows):
+            logits = softcapped(logits, student.config)
+            lo, hi = (int(v) for v in torch.searchsorted(flat_s, torch.tensor([rows.start, rows.stop], device=x.device)))
+            value = logits.sum() * 0  # a chunk with no pairs (and no CE) still returns a graph
+            if hi > lo:
+                zs = logits[flat_s[lo:hi] - rows.start]
+                for i, (weight, hidden, head, config) in enumerate(teachers):
+                    with torch.no_grad():
+                        zt = softcapped(head(hidden[flat_t[lo:hi]]), config)
+                    term = pair_loss(zs, zt) * ((hi - lo) / n_pairs)
+                    sums[i] += term.detach()
+                    value = value + weight * term
+            if cfg.ce_weight > 0:
+                ce = F.cross_entropy(logits.float(), flat_labels[rows], ignore_index=-100, reduction="sum") / n_labels
+                sums[-1] += ce.detach()
+                value = value + cfg.ce_weight * ce
+            return value
+
+        with head_input_captured(student) as box:
+            out = module(input_ids=x)
+        total = chunked_head_loss(box["hidden"], student.get_output_embeddings(), fn, cfg.chunk_tokens)
+        return total, out, [*sums[:-1], sums[-1] if cfg.ce_weight > 0 else None]
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.cfg.cross_tokenizer is not None:
