@@ -92,7 +92,8 @@ if triton is not None:
     def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                          stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ys,
                          INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV_MODE: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV_MODE: tl.constexpr,
+                         LOOP_STAGES: tl.constexpr):
         UNITS: tl.constexpr = BLOCK_K // 16  # a unit: 16 input columns, 8 kept values, 16 bits of metadata
         HALF: tl.constexpr = BLOCK_K // 2
         QUADS: tl.constexpr = BLOCK_K // 4
@@ -104,7 +105,7 @@ if triton is not None:
         k_lo, k_hi = k_range(pid_k, K, SPLIT, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)    # GEMM
         acc_u = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)  # GEMV: one partial sum per unit slot, reduced at the end
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):  # GEMV loads prefetched (cp.async)
             ui = k0 // 16 + tl.arange(0, UNITS)
             cols = ui * 16
             u_ok = n_ok[:, None] & (ui[None, :] < K // 16)

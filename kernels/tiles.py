@@ -14,6 +14,10 @@ pieces: ``k_range`` (a program's share of K), ``load_x``, ``load_per_group`` (sc
 points), ``codes_to_float`` (integer codes to floats without an int-to-float instruction) and
 ``store_tile``.
 
+The K loop is ``tl.range(..., num_stages=LOOP_STAGES)``: without it Triton pipelines only loads
+that feed a ``tl.dot``, so the GEMV's weight loads waited one by one (no cp.async in its PTX); with
+it they are prefetched LOOP_STAGES - 1 tiles ahead (``scripts/kernel_ptx.py`` counts the cp.async).
+
 Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
 ``sum`` on the host (the autotuner chooses SPLIT among 1, 4 and 8; a fixed config gets
 ``choose_split``'s, which splits only where N alone gives too few programs); a prefill tile
@@ -72,30 +76,30 @@ def choose_split(m: int, n: int, k: int, device: torch.device) -> int:
 def fixed_config(m: int, split: int | None = None, gemv_mode: int = 0) -> dict:
     """One config per path: what the interpreter runs, and what ``config=`` defaults build on."""
     cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64} if m == 1 else {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
-    cfg["GEMV_MODE"] = gemv_mode
+    cfg["GEMV_MODE"], cfg["LOOP_STAGES"] = gemv_mode, 3
     if split is not None:
         cfg["SPLIT"] = split
     return cfg
 
 
 def cuda_configs(gemv_modes: tuple[int, ...] = (0,)) -> list:
-    """Autotuning candidates. Decode (M <= 16) tiles come with K split 1, 4 or 8 ways: a GEMV loop's
-    loads are not pipelined, so a large N still needs more programs than N / BLOCK_N to keep
-    enough loads in flight (measured: a 4096-row int4 GEMV was latency-bound at ~2 programs an
-    SM). GEMV tiles are tried in each GEMV_MODE the kernel has. Prefill tiles: no split."""
+    """Autotuning candidates. Decode (M <= 16) tiles come with K split 1, 4 or 8 ways: more
+    programs than N / BLOCK_N keep more loads in flight (measured before the K loop was
+    pipelined: a 4096-row int4 GEMV was latency-bound at ~2 programs an SM). GEMV tiles are tried
+    in each GEMV_MODE the kernel has. Prefill tiles: no split. LOOP_STAGES = num_stages."""
     c = []
     for bn, bk, warps, stages in ((8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4), (32, 128, 4, 3)):
         for mode in gemv_modes:
             for split in (1, 4, 8):
-                c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode, "SPLIT": split},
-                                       num_warps=warps, num_stages=stages))
+                c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode, "SPLIT": split,
+                                        "LOOP_STAGES": stages}, num_warps=warps, num_stages=stages))
     for bn, bk in ((32, 128), (64, 128), (32, 256)):
         for split in (1, 4):
-            c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": split},
-                                   num_warps=4, num_stages=3))
+            c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": split,
+                                    "LOOP_STAGES": 3}, num_warps=4, num_stages=3))
     for bm, bn, bk, warps in ((64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (32, 64, 128, 4)):
-        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": 1},
-                               num_warps=warps, num_stages=3))
+        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": 1,
+                                "LOOP_STAGES": 3}, num_warps=warps, num_stages=3))
     return c
 
 
@@ -144,6 +148,7 @@ def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, 
         return y[: run.best_config.kwargs["SPLIT"]].sum(0, dtype=x.dtype) if slots > 1 else y
     cfg = dict(config) if config is not None else fixed_config(m)
     cfg["SPLIT"] = cfg.get("SPLIT") or choose_split(m, n, k, x.device)
+    cfg.setdefault("LOOP_STAGES", 3)
     y, strides_y = _output(cfg["SPLIT"], m, n, x)
     kernel = run.fn if hasattr(run, "configs") else run  # a fixed config bypasses the autotuner
     if not INTERPRET:

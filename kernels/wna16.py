@@ -88,7 +88,7 @@ if triton is not None:
                       stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GEMV_MODE: tl.constexpr):
+                      GEMV_MODE: tl.constexpr, LOOP_STAGES: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER
         ONE_GROUP: tl.constexpr = GROUP >= BLOCK_K  # a tile lies inside one group: scale its partial sums
@@ -99,7 +99,7 @@ if triton is not None:
         k_lo, k_hi = k_range(pid_k, K, SPLIT, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)    # GEMM
         acc_w = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # GEMV: one partial sum per word slot, reduced at the end
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):  # GEMV loads prefetched (cp.async)
             wi = k0 // PER + tl.arange(0, WORDS)
             cols = wi * PER  # the first input column of each word
             words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :],

@@ -5,8 +5,10 @@ How a kernel change can be checked for codegen between the rare sessions that ha
     .venv/bin/python scripts/kernel_ptx.py wna16 --tiles 1x16x512 --mode 0 [--bits 4 --group 128]
     .venv/bin/python scripts/kernel_ptx.py sparse24 --tiles 16x32x128 --int4 [--arch 90] [--dump out.ptx]
 
-Seen on wna16 at sm_90 (Triton 3.9): the GEMV loop (BLOCK_M 1) has no cp.async, i.e. its weight
-loads are not pipelined, while the tl.dot path has them.
+Seen on wna16 at sm_90 (Triton 3.9): with a plain ``range`` K loop the GEMV (BLOCK_M 1) had no
+cp.async (its weight loads were not pipelined; only the tl.dot path's were). With
+``tl.range(..., num_stages=LOOP_STAGES)`` the 1x16x512 mode-0 GEMV has 12 cp.async and the 1x32x256
+mode-1 one 15 (``--loop-stages 1`` shows 0 again).
 """
 
 import argparse
@@ -29,6 +31,7 @@ def main() -> int:
     ap.add_argument("--int4", action="store_true", help="sparse24: int4 codes instead of float values")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--loop-stages", type=int, default=None, help="LOOP_STAGES (default: --stages)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dump", help="write the PTX here")
     args = ap.parse_args()
@@ -46,7 +49,8 @@ def main() -> int:
     sig = {t: kinds[t] for t in tensors} | {"y_ptr": "*bf16" if args.split == 1 else "*fp32"}
     sig |= {n: "i32" for n in ["M", "N", "K", "G_COUNT", "M_BUCKET", *strides, "stride_ym", "stride_ys"]}
     consts = {"GROUP": args.group, "SPLIT": args.split, "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-              "BLOCK_K": bk, "GEMV_MODE": args.mode}
+              "BLOCK_K": bk, "GEMV_MODE": args.mode,
+              "LOOP_STAGES": args.stages if args.loop_stages is None else args.loop_stages}
     consts |= {"BITS": args.bits, "HAS_ZERO": False} if args.kernel == "wna16" else {"INT4": args.int4}
     fn = wna16._wna16_kernel if args.kernel == "wna16" else sparse24._sparse24_kernel
     names = list(fn.arg_names)

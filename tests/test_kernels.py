@@ -101,9 +101,12 @@ def test_kernel_model_from_a_2_4_int4_export_computes_the_exported_logits(tmp_pa
         torch.testing.assert_close(ours(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,tiles", [(1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "GEMV_MODE": 1, "SPLIT": 3}),
-                                     (4, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 2}),
-                                     (20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 1})])
+@pytest.mark.parametrize("m,tiles", [(1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "GEMV_MODE": 1, "SPLIT": 3,
+                                          "LOOP_STAGES": 3}),
+                                     (4, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 2,
+                                          "LOOP_STAGES": 3}),
+                                     (20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GEMV_MODE": 0, "SPLIT": 1,
+                                           "LOOP_STAGES": 3})])
 def test_the_autotuned_path_adds_exactly_the_chosen_configs_partial_sums(monkeypatch, m, tiles):
     """CUDA's launch path (an autotuner picks tiles and split; decode writes fp32 partials into
     MAX_SPLIT slots, of which the chosen config's are added), run here through a real one-config
