@@ -115,7 +115,14 @@ def eval_tables(results: dict) -> str:
     parts = ["## Quality vs the teacher", "", format_table(rows, cols)]
     if results.get("speculative_skipped"):
         parts += ["", f"Speculative decoding: skipped ({results['speculative_skipped']})."]
-    if results["speculative"]:
+    if results["speculative"] and cross:  # a draft with its own tokenizer: no per-token acceptance
+        spec_cols = ["k", "n_prompts", "target_tokens_per_pass", "target_tokens_per_s", "spec_tokens_per_s", "speedup",
+                     "exact_match", "dtype", "stopped"]
+        parts += ["", "## Speculative decoding (student drafts with its own tokenizer, teacher verifies)", "",
+                  f"Served by {results['speculative'][0].get('method', 'transformers')}; target tokens per pass "
+                  "counts the teacher's verification rounds (1 = no help from the draft).", "",
+                  format_table(results["speculative"], spec_cols)]
+    elif results["speculative"]:
         spec_cols = ["k", "n_prompts", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
                      "speedup", "exact_match", "first_divergence", "dtype", "hf_assisted_tokens_per_s",
                      "hf_assisted_same_output", "stopped"]

@@ -27,7 +27,7 @@ from compress.export import bytes_on_disk
 from compress.metrics import bits_per_byte, pair_metrics
 from compress.models import param_count
 from eval.harness import run_lm_eval
-from eval.speculative import assisted_generate_hf, serve_prompts
+from eval.speculative import assisted_generate_hf, serve_prompts, serve_prompts_across_tokenizers
 
 
 EVAL_CACHE = Path(os.environ.get("COMPRESS_EVAL_CACHE", Path(__file__).resolve().parent.parent / ".cache/eval"))
@@ -70,6 +70,25 @@ def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg, *, sh
                     same = same and torch.equal(ours, theirs)
                 stats.update(hf_assisted_tokens_per_s=tokens / hf_time, hf_assisted_same_output=same, hf_prompts=n)
             rows.append(stats)
+    return rows
+
+
+def across_tokenizers_report(teacher, student, tokenizers: tuple, val_blocks: torch.Tensor, cfg) -> list[dict]:
+    """One row per k for a student with its own tokenizer: the prompts are the held-out blocks'
+    first ``prompt_tokens`` student tokens, as text, tokenized by the teacher."""
+    t_tok, s_tok = tokenizers
+    device = next(teacher.parameters()).device
+    texts = [s_tok.decode(b[: cfg.prompt_tokens].tolist()) for b in val_blocks[-cfg.prompts:]]
+    prompts = [torch.tensor([t_tok(t, add_special_tokens=False)["input_ids"]], device=device) for t in texts]
+    deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+    baseline: dict = {}
+    rows = []
+    for k in cfg.ks:
+        if rows and rows[-1]["stopped"]:
+            rows.append({"k": k, "n_prompts": 0, "stopped": f"skipped (time budget spent at k={rows[-1]['k']})"})
+            continue
+        rows.append(serve_prompts_across_tokenizers(teacher, student, tokenizers, prompts, k=k,
+                                                    max_new_tokens=cfg.max_new_tokens, baseline=baseline, deadline=deadline))
     return rows
 
 
@@ -197,9 +216,12 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
                           "lm_eval": s_scores, **pair}
     results["headline"] = {"teacher": _primary(t_scores), "student": _primary(s_scores)}
     spec = []
-    if cfg.speculative is not None and teacher_tokenizer is not None:
-        results["speculative_skipped"] = ("student and teacher tokenizers differ: the teacher verifies a draft's "
-                                          "tokens id by id, so the check needs one vocabulary")
+    if cfg.speculative is not None and teacher_tokenizer is not None and cfg.speculative.temperature > 0:
+        results["speculative_skipped"] = ("student and teacher tokenizers differ: transformers' universal assisted "
+                                          "generation, which serves such a draft, is run greedy only (temperature 0)")
+    elif cfg.speculative is not None and teacher_tokenizer is not None:
+        spec = across_tokenizers_report(teacher, student, (teacher_tokenizer, tokenizer), val_blocks, cfg.speculative)
+        lap("speculative decoding (across tokenizers)")
     elif cfg.speculative is not None:
         sc = cfg.speculative
         prompts = [b[: sc.prompt_tokens].long().reshape(1, -1).to(device) for b in val_blocks[-sc.prompts:]]

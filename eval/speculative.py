@@ -269,15 +269,20 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
 
 
 def assisted_generate_hf(target, draft, input_ids: torch.Tensor, max_new_tokens: int, *, k: int = 4,
-                         eos_token_id: int | None = None) -> torch.Tensor:
+                         eos_token_id: int | None = None, tokenizers: tuple | None = None,
+                         passes: list | None = None) -> torch.Tensor:
     """transformers' own assisted generation, greedy, with exactly k draft tokens per round, for
     side-by-side comparison with speculative_generate. Returns the (N,) new tokens.
         hf_tokens = assisted_generate_hf(teacher, student, ids, 64, k=4)
+
+    ``tokenizers=(target_tok, draft_tok)``: a draft with its own tokenizer (transformers' universal
+    assisted generation: each round's draft text is re-tokenized for the target). ``passes``
+    receives the number of target forward passes (verification rounds).
     """
     _check_prompt(input_ids)
     _check_lengths(k, max_new_tokens)
     v_target, v_draft = _vocab_size(target), _vocab_size(draft)
-    if v_target != v_draft:
+    if v_target != v_draft and tokenizers is None:
         raise CompressError(f"transformers' assisted generation needs equal vocab sizes (target {v_target}, "
                             f"draft {v_draft}); use speculative_generate, which handles padding rows")
     _check_eval(target, "target")
@@ -293,17 +298,68 @@ def assisted_generate_hf(target, draft, input_ids: torch.Tensor, max_new_tokens:
         cfg.num_assistant_tokens_schedule = "constant"
         cfg.assistant_confidence_threshold = 0.0  # 0 disables the early stop
     saved = target.generation_config, draft.generation_config
+    count = target.register_forward_hook(lambda *_: calls.append(1))
+    calls: list = []
+    # transformers refuses assistant_tokenizer when the two are the same: then it is plain assisted generation
+    differ = tokenizers is not None and tokenizers[0].get_vocab() != tokenizers[1].get_vocab()
+    extra = {"tokenizer": tokenizers[0], "assistant_tokenizer": tokenizers[1]} if differ else {}
     try:
         target.generation_config, draft.generation_config = target_cfg, draft_cfg
         ids = input_ids.to(target.device)
         # assisted generation warns on every call about its own internal generate() arguments
         with torch.inference_mode(), _quiet_transformers():
             out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
-                                  do_sample=False, max_new_tokens=max_new_tokens)
+                                  do_sample=False, max_new_tokens=max_new_tokens, **extra)
     finally:
+        count.remove()
         draft.generation_config = saved[1]
         target.generation_config = saved[0]
+    if passes is not None:
+        passes.append(len(calls))
     return out[0, ids.shape[1]:].cpu()
+
+
+def serve_prompts_across_tokenizers(target, draft, tokenizers: tuple, prompts: list[torch.Tensor], *, k: int,
+                                    max_new_tokens: int, baseline: dict | None = None,
+                                    deadline: float | None = None) -> dict:
+    """A draft with its own tokenizer, served greedily by transformers' universal assisted
+    generation against the target alone (``prompts`` in the target's ids). The draft's tokens are
+    not the target's, so there is no per-token acceptance rate: the row gives the target's tokens
+    per verification pass (1 = no help) and the speedup, and checks the output equals the
+    target's own greedy output."""
+    if not prompts:
+        raise CompressError("serve_prompts_across_tokenizers got no prompts; pass a non-empty list of (1, T) id tensors")
+    _check_lengths(k, max_new_tokens)
+    device, baseline = target.device, {} if baseline is None else baseline
+    if not baseline:
+        greedy_generate(target, prompts[0], 2)  # warm-up outside the clock
+    assisted_generate_hf(target, draft, prompts[0], 2, k=k, tokenizers=tokenizers)
+    base_time = spec_time = 0.0
+    base_tokens = new_tokens = 0
+    passes: list[int] = []
+    exact, stopped = True, None
+    for i, p in enumerate(prompts):
+        if passes and deadline is not None and time.monotonic() > deadline:
+            stopped = f"time budget spent after {len(passes)} of {len(prompts)} prompts"
+            break
+        if i not in baseline:
+            start = _now(device)
+            tokens = greedy_generate(target, p, max_new_tokens)
+            baseline[i] = (tokens, _now(device) - start)
+        reference, seconds = baseline[i]
+        base_time += seconds
+        base_tokens += reference.numel()
+        start = _now(device)
+        out = assisted_generate_hf(target, draft, p, max_new_tokens, k=k, tokenizers=tokenizers, passes=passes)
+        spec_time += _now(device) - start
+        new_tokens += out.numel()
+        exact = exact and torch.equal(out, reference)
+    target_tps, spec_tps = base_tokens / base_time, new_tokens / spec_time
+    return {"k": k, "n_prompts": len(passes), "new_tokens": new_tokens,
+            "target_tokens_per_pass": new_tokens / sum(passes), "target_tokens_per_s": target_tps,
+            "spec_tokens_per_s": spec_tps, "speedup": spec_tps / target_tps, "exact_match": exact,
+            "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+            "method": "transformers universal assisted generation (draft text re-tokenized)", "stopped": stopped}
 
 
 @contextlib.contextmanager
