@@ -473,6 +473,58 @@ def test_chunked_cross_tokenizer_loss_equals_the_full_one(tmp_path, student_tok,
     assert ("kd1" in l_full) == extra and ("ce" in l_full) == (ce > 0)
 
 
+def test_on_policy_across_tokenizers_scores_the_students_own_text(tmp_path, student_tok, teacher_tok):
+    """λ = 1, greedy: the loss is ULD on the student's own continuation, re-tokenized for the
+    teacher, over the pairs that predict sampled text only; the data's continuation is never read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.methods.distill import Distill
+    from compress.recipe import load_recipe
+    from compress.sampling import sample_continuations
+    from compress.stages import RunContext
+    from compress.teacher import Teacher
+    from tests.tiny import write_recipe
+
+    def llama(seed, vocab):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
+                                            tie_word_embeddings=True, max_position_embeddings=256))
+
+    P, T = 12, 30
+    stage = {"kind": "distill", "cross_tokenizer": {"method": "uld"},
+             "on_policy": {"lmbda": 1.0, "prompt_tokens": P, "temperature": 0.0}}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out", stages=[stage],
+                                      student={"init": "drop_layers", "tokenizer": "mistral-7b-v0.1"}))
+    teacher = llama(1, len(teacher_tok))
+    ctx = RunContext(recipe=recipe, output_dir=tmp_path, tokenizer=student_tok, data=None, logger=None,
+                     device=torch.device("cpu"), teacher=Teacher(teacher), extra_teachers=[],
+                     extra={"stage_seed": 7}, teacher_tokenizer=teacher_tok)
+    method = Distill(recipe.stages[0], ctx)
+    module = method.wrap(llama(0, len(student_tok)))
+    ids = student_tok(TEXT, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids[:T], ids[T:2 * T]])
+    y = x.clone()
+    y[:, P:] = torch.tensor(ids[2 * T:2 * T + T - P])  # the same prompts, another continuation
+
+    def batch(ids):
+        return {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "index": torch.arange(2), "step": 0, "micro": 0}
+
+    loss, logs = method.loss(module, batch(x))
+    assert logs["on_policy"] == 1 and torch.equal(loss, method.loss(module, batch(y))[0])
+    with torch.no_grad():
+        seq = sample_continuations(module.student, x[:, :P], T - P, temperature=0.0)
+        al = align_batch(seq, student_tok, teacher_tok)
+        al["pair_mask"] &= al["s_pos"] >= P - 1  # pairs predicting a sampled token
+        zs, zt = aligned_logits(module.student(input_ids=seq).logits, teacher(input_ids=al["teacher_ids"]).logits, al)
+        want = uld_loss(zs, zt)
+    assert 0 < al["pair_mask"].sum() < al["pair_mask"].numel()
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CompressError, match="with cross_tokenizer use source: student"):
+        load_recipe(write_recipe(tmp_path / "t.yaml", tmp_path, tmp_path / "out", stages=[
+            {**stage, "on_policy": {"lmbda": 0.5, "source": "teacher"}}]))
+
+
 def test_a_draft_with_its_own_tokenizer_is_served_exactly_and_its_passes_counted(teacher_tok, student_tok):
     """transformers' universal assisted generation behind our serving loop: the output equals the
     target's greedy one, and target tokens per verification pass is k + 1 for a draft that is the

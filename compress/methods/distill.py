@@ -108,11 +108,13 @@ class DistillStage(StageConfig):
         if self.on_policy is not None and self.offline is not None:
             raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
         if self.cross_tokenizer is not None:
-            other = [k for k, v in (("offline", self.offline), ("on_policy", self.on_policy), ("top_k", self.top_k))
-                     if v is not None]
+            other = [k for k, v in (("offline", self.offline), ("top_k", self.top_k)) if v is not None]
             if other or self.hidden_weight > 0:
                 raise ValueError(f"cross_tokenizer aligns two tokenizations and cannot be combined with "
                                  f"{other or ['hidden_weight']} yet; drop those")
+        if self.cross_tokenizer is not None and self.on_policy is not None and self.on_policy.source == "teacher":
+            raise ValueError("on_policy.source: teacher samples in the teacher's vocabulary; with cross_tokenizer use "
+                             "source: student")
         if self.on_policy is not None and self.ce_weight > 0:
             raise ValueError("on_policy batches have no data continuations to score CE on: set ce_weight=0")
         return self
@@ -218,7 +220,8 @@ class Distill(StageMethod):
         x = batch["input_ids"]
         student = _inner(module).student
         model = student if op.source == "student" else ctx.teacher.model
-        vocab = min(student.config.vocab_size, ctx.teacher.config.vocab_size)
+        vocab = min(student.config.vocab_size, ctx.teacher.config.vocab_size) if ctx.teacher_tokenizer is None \
+            else student.config.vocab_size  # another tokenizer: the student samples from its own vocabulary
         g = torch.Generator(device=x.device).manual_seed(
             int(draw(ctx.extra["stage_seed"] + 1 + ctx.rank, batch["step"], batch["micro"]) * 2**62))
         P = op.prompt_tokens
@@ -236,8 +239,14 @@ class Distill(StageMethod):
         s_tok, t_tok = ctx.tokenizer, ctx.teacher_tokenizer or ctx.tokenizer
         if cfg.cross_tokenizer.method == "gold" and not hasattr(self, "overlap"):
             self.overlap = tuple(t.to(x.device) for t in vocab_overlap(s_tok, t_tok))
+        sampled = self._sampled(module, batch)  # on-policy: the student's own continuation, as text for the teacher
+        if sampled is not None:
+            x = sampled[0]
         al = align_batch(x.cpu(), s_tok, t_tok)
         al = {k: v.to(x.device) for k, v in al.items()}
+        if sampled is not None:  # only the pairs that predict sampled text
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(al["s_pos"])
+            al["pair_mask"] &= sampled[1][rows, al["s_pos"]]
         xt = cfg.cross_tokenizer
 
         def pair_loss(zs, zt):
@@ -247,6 +256,8 @@ class Distill(StageMethod):
 
         names = [f"kd{i if len(self.teachers) > 1 else ''}" for i in range(len(self.teachers))]
         logs = {"aligned_fraction": al["pair_mask"].sum().float().detach() / x.numel()}
+        if cfg.on_policy is not None:
+            logs["on_policy"] = torch.tensor(float(sampled is not None))
         if cfg.chunk_tokens is not None:
             total, out, parts = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss)
             return with_model_losses(total, logs | {k: v for k, v in zip(names + ["ce"], parts) if v is not None},
