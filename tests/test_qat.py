@@ -321,6 +321,51 @@ def test_qat_with_learned_scales_and_a_quantized_kv_cache_exports_both(tiny_teac
     assert torch.equal(state["model.layers.0.mlp.up_proj.weight_scale"].float(), up.qparams()["scale"])
 
 
+@pytest.mark.slow
+def test_sigkill_mid_qat_then_resume_ends_where_an_unbroken_run_ends(tiny_teacher, tmp_path):
+    """Learned scales (optimizer state), GPTQ's frozen params and calibrated KV scales (buffers)
+    all come back from the checkpoint: the resumed run's result equals the unbroken run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from compress.checkpoint import latest_step
+    from tests.tiny import REPO, launch_cmd, run_env
+
+    kv = {"format": "fp8", "per_head": True, "calibration_blocks": 4}
+    stages = [{"kind": "quantize", "method": "gptq", "gptq": {"calibration_blocks": 4},
+               "weights": {"bits": 4, "group_size": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+              {"kind": "qat", "weights": {"bits": 4, "group_size": 32, "learn_scales": True,
+                                          "targets": ["gate_proj", "up_proj", "down_proj"]}, "kv_cache": kv}]
+    runs = {}
+    for name in ("unbroken", "killed"):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, tmp_path / name, student={"init": "teacher"},
+                              train={"lr": 1e-2, "max_steps": 10, "save_every": 2}, stages=stages)
+        if name == "killed":
+            proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env=run_env(), cwd=REPO, start_new_session=True)
+            ckpts = tmp_path / name / "stages/1-qat/checkpoints"
+            deadline = time.time() + 400
+            while (latest_step(ckpts) or 0) < 4 and time.time() < deadline:
+                assert proc.poll() is None, "the run ended before it could be killed"
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_at = latest_step(ckpts)
+            assert killed_at and killed_at < 10
+        p = launch(recipe)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[name] = load_file(tmp_path / name / "stages/1-qat/model/model.safetensors")
+    assert f"resumed stage 1 (qat) from step {killed_at}" in p.stdout
+    a, b = runs["unbroken"], runs["killed"]
+    assert a.keys() == b.keys() and any(k.endswith("k_scale") for k in a) and any(".qp_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
 def test_bf16_casts_keep_the_rotary_frequencies_in_fp32():
     """What from_pretrained(dtype=bf16) does, and so what users of the export get."""
     from compress.modelio import rebuild
