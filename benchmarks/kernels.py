@@ -15,6 +15,7 @@ the 3.35 TB/s roofline and >= 3.5x bf16 at batch 1; 2:4 >= 1.6x; 2:4 x int4 >= 4
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,20 +152,25 @@ def bench_shape(n: int, k: int, m: int, roofline: float, tol: float = 3e-2) -> l
     copies = copies_for(n * k // 4)
     pool = [first] + [weights(n, k, g) for _ in range(copies - 1)]
     for name, (call, ref, nbytes) in kernels_at(n, k).items():
-        err = None
+        err, tune = None, None
         if ref is not None:  # the tuned kernel checked on this shape before it is timed
             want = ref(x, first).float()
-            err = ((call(x, first).float() - want).abs().max() / want.abs().max()).item()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            got = call(x, first)  # the first call at this shape: autotunes (or reads Triton's cache)
+            torch.cuda.synchronize()
+            tune = round(time.perf_counter() - start, 2)
+            err = ((got.float() - want).abs().max() / want.abs().max()).item()
         tiles = chosen_tiles(name)
         wb = nbytes(first)
         use = pool[: copies_for(wb)]
         t, eager = timed([lambda w=w: call(x, w) for w in use])
-        rows.append(row(name, m, n, k, t, eager, wb + act, roofline, err, tol) | {"tiles": tiles})
+        rows.append(row(name, m, n, k, t, eager, wb + act, roofline, err, tol) | {"tiles": tiles, "first call s": tune})
         if base is None:
             base = t
     for name, (call, objs, wb) in torch_peers(n, k, m, copies_for(n * k // 2), g).items():
         t, eager = timed([lambda o=o: call(x, o) for o in objs])
-        rows.append(row(name, m, n, k, t, eager, wb + act, roofline, None, tol) | {"tiles": ""})
+        rows.append(row(name, m, n, k, t, eager, wb + act, roofline, None, tol) | {"tiles": "", "first call s": None})
     for r in rows:
         r["speedup vs bf16"] = round(base / (r["us"] / 1e6), 2)
     return rows
@@ -222,7 +228,9 @@ def main() -> int:
           "that calls the kernel on enough copies of the weight (>= 256 MB) that none is served from L2; "
           "`eager us`: the same calls from Python (launch overhead included). GB/s counts weight + metadata + "
           "scales + activations read and the output written. `rel err`: our tuned kernel against its "
-          f"PyTorch reference on the same inputs (max |err| / max |ref|).\nCommand: python benchmarks/kernels.py "
+          "PyTorch reference on the same inputs (max |err| / max |ref|). `first call s`: that first call, "
+          "which autotunes the shape (all tiles tried) unless Triton's cache already holds it."
+          f"\nCommand: python benchmarks/kernels.py "
           f"--batches {args.batches} --shapes {args.shapes}\n\n" + format_table(rows, list(rows[0])) + "\n")
     write_results(args.tag, {"device": device, "roofline_tbs": roofline, "torch": torch.__version__,
                              "triton": triton.__version__, "rows": rows}, md)

@@ -56,6 +56,8 @@ def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teac
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(exported.generate(ids[:1, :8], **gen), ours.generate(ids[:1, :8], **gen))  # and decodes alike
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["final"]["kl"] > 0  # quantization changed the model ...
     teacher_bytes = summary["table"][0]["bytes_on_disk"]
