@@ -1,6 +1,7 @@
 """On-policy distillation (GKD), sampling, the chunked loss inside the stage, and several teachers."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -138,6 +139,36 @@ def test_chunked_stage_loss_equals_the_full_one(tmp_path, stage):
     for u, w in zip(gb, ga):
         torch.testing.assert_close(u, w, rtol=0, atol=1e-5)
     assert la.keys() == lb.keys()
+
+
+@pytest.mark.parametrize("stage", [{"loss": "forward_kl", "temperature": 2.0}, {"loss": "jsd", "beta": 0.3},
+                                   {"loss": "reverse_kl", "on_policy": {"lmbda": 1.0, "prompt_tokens": 4}}])
+def test_liger_backend_equals_our_full_loss(tmp_path, stage):
+    """chunk_backend: liger runs Liger-Kernel's fused linear JSD (its real Triton kernel; in the
+    interpreter on CPU): the value and gradients of our full-logit loss, masks included."""
+    import os
+
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py sets it without a GPU
+    x = torch.randint(0, V, (3, T))
+    full, m_full = _method(tmp_path, stage)
+    liger, m_liger = _method(tmp_path, {**stage, "chunk_tokens": 5, "chunk_backend": "liger"})
+    a, ga, la = _loss_and_grads(full, m_full, _batch(x))
+    b, gb, lb = _loss_and_grads(liger, m_liger, _batch(x))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for u, w in zip(gb, ga):
+        torch.testing.assert_close(u, w, rtol=1e-4, atol=1e-5)
+    assert la.keys() == lb.keys()
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"chunk_backend": "liger"}, "set chunk_tokens too"),
+    ({"chunk_backend": "liger", "chunk_tokens": 8, "loss": "skew_kl"}, "does not take ['loss: skew_kl']"),
+    ({"chunk_backend": "liger", "chunk_tokens": 8, "ce_weight": 0.5, "top_k": 8}, "does not take ['ce_weight', 'top_k']"),
+])
+def test_liger_backend_bad_options_fail_in_one_line(tmp_path, stage, match):
+    with pytest.raises(CompressError, match=re.escape(match)):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out", stages=[{"kind": "distill", **stage}]))
 
 
 def test_two_teachers_give_the_weighted_sum(tmp_path):

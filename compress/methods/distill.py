@@ -35,6 +35,8 @@ distributions at the positions where a student and a teacher token end at the sa
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -79,6 +81,11 @@ class CrossTokenizer(Strict):
     top_k: int | None = Field(None, ge=1)  # ULD over the k largest probabilities each side + the rest's mass
 
 
+# Liger-Kernel's jsd_beta for each of our divergences it computes (its beta is our jsd beta; 0 and 1
+# are its forward and reverse KL)
+LIGER_BETA = {"forward_kl": lambda beta: 0.0, "reverse_kl": lambda beta: 1.0, "jsd": lambda beta: beta}
+
+
 class DistillStage(StageConfig):
     """Knowledge distillation (Hinton et al. 2015) with a choice of divergence."""
 
@@ -94,6 +101,9 @@ class DistillStage(StageConfig):
     hidden_layers: list[Annotated[int, Field(ge=-1)]] = Field(default_factory=lambda: [-1])
     offline: OfflineKD | None = None  # needs top_k
     chunk_tokens: int | None = Field(None, ge=1)  # loss over token chunks from hidden states (memory)
+    # who computes the chunked loss: ours (any option, CPU and GPU), or Liger-Kernel's fused linear
+    # JSD (Triton; forward_kl / reverse_kl / jsd, one teacher, no CE, top_k or offline)
+    chunk_backend: Literal["ours", "liger"] = "ours"
     on_policy: OnPolicy | None = None
     cross_tokenizer: CrossTokenizer | None = None  # needed when student.tokenizer differs from the teacher's
 
@@ -115,6 +125,16 @@ class DistillStage(StageConfig):
         if self.cross_tokenizer is not None and self.on_policy is not None and self.on_policy.source == "teacher":
             raise ValueError("on_policy.source: teacher samples in the teacher's vocabulary; with cross_tokenizer use "
                              "source: student")
+        if self.chunk_backend == "liger":
+            if self.chunk_tokens is None:
+                raise ValueError("chunk_backend: liger computes the chunked loss: set chunk_tokens too")
+            unsupported = [k for k, v in (("loss: " + self.loss, self.loss not in LIGER_BETA),
+                                          ("ce_weight", self.ce_weight > 0), ("top_k", self.top_k is not None),
+                                          ("offline", self.offline is not None), ("hidden_weight", self.hidden_weight > 0),
+                                          ("cross_tokenizer", self.cross_tokenizer is not None)) if v]
+            if unsupported:
+                raise ValueError(f"chunk_backend: liger (Liger-Kernel's fused linear JSD) does not take {unsupported}; "
+                                 "use chunk_backend: ours")
         if self.on_policy is not None and self.ce_weight > 0:
             raise ValueError("on_policy batches have no data continuations to score CE on: set ce_weight=0")
         return self
@@ -169,6 +189,11 @@ class Distill(StageMethod):
         if recipe.teacher.shard == "zero3" and cfg.offline is not None:
             raise CompressError("offline KD runs the teacher once before training; teacher.shard=zero3 is not needed "
                                 "there: set teacher.shard=none")
+        if cfg.chunk_backend == "liger" and recipe.extra_teachers:
+            raise CompressError("chunk_backend: liger takes one teacher; drop extra_teachers or use chunk_backend: ours")
+        if cfg.chunk_backend == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            raise CompressError("chunk_backend: liger needs the liger-kernel package: pip install liger-kernel==0.8.5 "
+                                "(or use chunk_backend: ours)")
         if cfg.chunk_tokens is not None and recipe.train.zero_stage == 3:
             raise CompressError("distill.chunk_tokens needs the student's LM head whole on each rank, which ZeRO-3 "
                                 "partitions: use train.zero_stage <= 2 or drop chunk_tokens")
@@ -330,6 +355,13 @@ class Distill(StageMethod):
         n_labels = None if flat_labels is None else (flat_labels != -100).sum()
         self.terms.parts = {}
         chunked = cfg.chunk_tokens is not None
+        if chunked and cfg.chunk_backend == "liger":  # the teacher's hidden states are read inside
+            student = _inner(module).student
+            with head_input_captured(student) as box:
+                out = module(input_ids=x)
+            total = self._liger_loss(box["hidden"], student, x, flat_mask)
+            logs["kd"] = total.detach()
+            return with_model_losses(total, logs, out, module)
         views, t_first = self._teacher_views(x, batch, want_hidden, chunked)
         kw = dict(mask=flat_mask, labels=flat_labels, n_mask=n_mask, n_labels=n_labels)
         if chunked:
@@ -356,6 +388,32 @@ class Distill(StageMethod):
             total = total + cfg.hidden_weight * mse
             logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
+
+    def _liger_loss(self, hidden: torch.Tensor, student: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
+        """KD through Liger-Kernel's fused linear JSD (Triton): student and teacher final hidden
+        states and heads in, the loss out, logits only a chunk at a time inside its kernel. The
+        same value as ours (``kd_loss``: masked mean times temperature**2); tested against it."""
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        cfg = self.cfg
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise CompressError("chunk_backend: liger runs Liger-Kernel's Triton kernels, which need a CUDA GPU here; "
+                                "use chunk_backend: ours on CPU")
+        weight, teacher, _ = self.teachers[0]
+        heads = [student.get_output_embeddings(), teacher.head]
+        configs = [student.config, teacher.config]
+        if any(type(h) is not nn.Linear or h.bias is not None for h in heads) or \
+                any(getattr(c, "final_logit_softcapping", None) for c in configs):
+            raise CompressError("chunk_backend: liger needs plain bias-free LM heads and no logit soft-capping; this "
+                                "model has another head (quantized, LoRA, biased or soft-capped): use chunk_backend: ours")
+        V = min(h.weight.shape[0] for h in heads)  # vocabularies padded to different sizes
+        _, t_hidden = teacher.final_hidden(x)
+        labels = None if mask is None else torch.where(mask, 0, -100)  # Liger skips the -100 positions
+        fn = LigerFusedLinearJSD(jsd_beta=LIGER_BETA[cfg.loss](cfg.beta), temperature=cfg.temperature)
+        d = hidden.shape[-1]
+        loss = fn(hidden.reshape(-1, d), heads[0].weight[:V], t_hidden.reshape(-1, t_hidden.shape[-1]).to(hidden.dtype),
+                  heads[1].weight[:V].to(hidden.dtype), labels)
+        return weight * loss * cfg.temperature**2
 
     def _teacher_views(self, x: torch.Tensor, batch: dict, want_hidden: bool, chunked: bool):
         """Per teacher (weight, rows -> kd_per_token's teacher kwargs for those flattened tokens), and the
