@@ -1,10 +1,12 @@
 """Peak memory and time of the KD loss, naive vs chunked (compress.chunked_loss), at SmolLM2's vocabulary.
 
-    .venv/bin/python benchmarks/chunked_loss.py [--tokens 1024,2048,4096,8192] [--chunk 1024] [--device cpu]
+    .venv/bin/python benchmarks/chunked_loss.py [--tokens 1024,2048,4096,8192] [--chunk 1024] [--device cpu] [--liger]
 
 One forward + backward of forward-KL distillation from final hidden states (D = 576) through a
 student LM head and a frozen teacher head (V = 49,152), at several B·T. Naive: both heads' full
 logits, then ``kd_loss``. Chunked: ``chunked_head_loss`` + ``KDTerms``, ``--chunk`` tokens at a time.
+``--liger``: also Liger-Kernel's ``LigerFusedLinearJSD`` (beta 0: forward KL), which ``distill.chunk_backend:
+liger`` calls (its own chunking; a CUDA device).
 Peak memory is what the loss adds above its inputs (the hidden states and the heads): on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before each measurement), each (method, B·T) in a fresh process so one
@@ -54,6 +56,10 @@ def measure(method: str, n: int, chunk: int, device: str) -> dict:
         head.weight.grad = h_s.grad = None
         if method == "naive":
             loss = kd_loss(head(h_s), t_head(h_t))
+        elif method == "liger":
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            loss = LigerFusedLinearJSD(jsd_beta=0.0)(h_s, head.weight, h_t, t_head.weight, None)
         else:
             def fn(logits, rows):
                 with torch.no_grad():
@@ -92,6 +98,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: method,N in a fresh process
     ap.add_argument("--tag", default="chunked_loss")
+    ap.add_argument("--liger", action="store_true", help="also time Liger-Kernel's fused linear JSD (CUDA)")
     args = ap.parse_args()
     if args.one:
         method, n = args.one.split(",")
@@ -104,7 +111,7 @@ def main() -> int:
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         got = {}
-        for method in ("naive", "chunked"):
+        for method in ("naive", "chunked", "liger") if args.liger else ("naive", "chunked"):
             p = subprocess.run([sys.executable, __file__, "--one", f"{method},{n}", "--chunk", str(args.chunk),
                                 "--device", args.device], capture_output=True, text=True, cwd=REPO)
             if p.returncode != 0:
@@ -116,12 +123,18 @@ def main() -> int:
                      round(ch["peak_bytes"] / 2**20), "memory ratio": round(nv["peak_bytes"] / max(ch["peak_bytes"], 1), 2),
                      "naive s": round(nv["seconds"], 3), "chunked s": round(ch["seconds"], 3),
                      "time ratio (chunked/naive)": round(ch["seconds"] / nv["seconds"], 3), "threads": nv["threads"]})
+        if "liger" in got:
+            lg = got["liger"]
+            assert abs(nv["loss"] - lg["loss"]) <= 1e-3 * abs(nv["loss"]), (nv["loss"], lg["loss"])
+            rows[-1].update({"liger peak MB": round(lg["peak_bytes"] / 2**20), "liger s": round(lg["seconds"], 3),
+                             "time ratio (liger/naive)": round(lg["seconds"] / nv["seconds"], 3)})
         print(rows[-1], flush=True)
     device = args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores)"
     cols = list(rows[0])
     md = "\n".join([
         f"KD loss forward + backward, naive vs chunked ({args.chunk} tokens a chunk), V = {V:,}, D = {D}, fp32, on {device}.",
-        f"Command: .venv/bin/python benchmarks/chunked_loss.py --tokens {args.tokens} --chunk {args.chunk} --device {args.device}",
+        f"Command: .venv/bin/python benchmarks/chunked_loss.py --tokens {args.tokens} --chunk {args.chunk} --device {args.device}"
+        + (" --liger" if args.liger else ""),
         "", "Peak: memory added above the inputs during one step (CPU: peak RSS in a fresh process per cell). "
         "Time: median of 3 steps. The two losses agree to 1e-4 (checked).", "", format_table(rows, cols), ""])
     write_results(args.tag, {"args": vars(args), "rows": rows}, md)

@@ -25,7 +25,7 @@ P="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform 
 .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .gpu/whl \
   "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')" \
   "pydantic_core==$(.venv/bin/python -c 'import pydantic_core; print(pydantic_core.__version__)')" \
-  annotated-types typing-inspection hjson "gguf==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+  annotated-types typing-inspection hjson "liger-kernel==0.8.5" "gguf==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .gpu/whl "deepspeed==$(.venv/bin/python -c 'import deepspeed; print(deepspeed.__version__)')"
 tar -C .cache/python3.11-doc -cJf .gpu/docs.tar.xz usr/share/doc/python3.11/html/_sources
 cp .cache/data/blocks-*.pt .gpu/data/

@@ -9,6 +9,11 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 steps=${*:-selftest kernels chunked}
+# Liger-Kernel beside our chunked loss, when its wheel is carried (run(carry=[".gpu/liger"]) after
+# `pip download --no-deps liger-kernel==0.8.5 -d .gpu/liger` here): a pure-Python wheel
+for w in .gpu/liger/liger_kernel-*.whl; do
+  [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/liger "$w" && export PYTHONPATH=$PYTHONPATH:/tmp/liger
+done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
@@ -19,8 +24,9 @@ for step in $steps; do
               rc=$? ;;
     kernels) timeout 300 python3 benchmarks/kernels.py ${KERNEL_ARGS:-} > "$OUT/kernels.log" 2>&1
              rc=$?; cp benchmarks/results/kernels.* "$OUT/" 2>/dev/null ;;
-    chunked) timeout 150 python3 benchmarks/chunked_loss.py --device cuda --tokens ${CHUNK_TOKENS:-4096,16384} \
-               --chunk 2048 --tag chunked_loss_cuda > "$OUT/chunked.log" 2>&1
+    chunked) liger=$(python3 -c "import liger_kernel" 2>/dev/null && echo --liger)  # liger-kernel: a carried wheel
+             timeout 150 python3 benchmarks/chunked_loss.py --device cuda --tokens ${CHUNK_TOKENS:-4096,16384} \
+               --chunk 2048 $liger --tag chunked_loss_cuda > "$OUT/chunked.log" 2>&1
              rc=$?; cp benchmarks/results/chunked_loss_cuda.* "$OUT/" 2>/dev/null ;;
     *) echo "unknown step $step (selftest, kernels, chunked)"; continue ;;
   esac
