@@ -17,8 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, pm, run_sweep,  # noqa: E402
-                               sweep_arguments, sweep_payload, write_results)
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, mean_std, pm,  # noqa: E402
+                               run_sweep, sweep_arguments, sweep_payload, write_results)
 from compress.tracking import format_table  # noqa: E402
 from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval` for the recipe checks)
 

@@ -1,15 +1,14 @@
 """End to end on tiny models, the way users run it: `python launch/distill.py --recipe ...`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.tracking import read_metrics
-from tests.tiny import REPO, make_tiny_model, run_env, write_recipe
+from tests import tiny
+from tests.tiny import make_tiny_model, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +16,7 @@ RANDOM_STUDENT = {"init": "config", "config": {"num_hidden_layers": 2, "hidden_s
 
 
 def launch(recipe, *overrides, check=True):
-    p = subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *overrides],
-                       capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=600)
+    p = tiny.launch(recipe, *overrides)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -133,9 +131,7 @@ def test_student_with_padded_vocabulary(tiny_teacher, tmp_path):
 def test_gpu_run_trains_in_bf16(tiny_teacher, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, train={"max_steps": 4})
-    env = {k: v for k, v in run_env().items() if k != "DS_ACCELERATOR"}  # let DeepSpeed find the GPU
-    p = subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    p = tiny.launch(recipe, gpu=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     info = json.loads((out / "final/compression.json").read_text())
     assert info["device"].startswith("cuda"), info["device"]

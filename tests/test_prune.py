@@ -5,7 +5,6 @@ plain transformers load, resume without pruning twice, importance cache, bad inp
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from compress.errors import CompressError
 from compress.importance import activation_stats, random_stats
 from compress.pruning import (apply_plan, candidate_shapes, check_shape, make_plan, non_embedding_params,
                               select_heads, shape_of)
+from tests import tiny
 from tests.tiny import REPO, run_env, write_recipe
 
 
@@ -139,8 +139,7 @@ def test_impossible_shapes_are_refused(target, message):
 # ---------------------------------------------------------------- the stage in a real run
 
 def launch(recipe, *extra):
-    return subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra],
-                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=900)
+    return tiny.launch(recipe, *extra, timeout=900)
 
 
 PRUNE = {"kind": "prune", "num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 64,
@@ -258,9 +257,7 @@ def test_gpu_prune_then_lora_distill(tiny_teacher, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, out, student={"init": "teacher"}, train={"max_steps": 4},
                           stages=[{**PRUNE, "cache_dir": str(tmp_path / "imp")},
                                   {"kind": "distill", "lora": {"r": 2}}, {"kind": "distill", "max_steps": 2}])
-    env = {k: v for k, v in run_env().items() if k != "DS_ACCELERATOR"}  # let DeepSpeed find the GPU
-    p = subprocess.run([sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    p = tiny.launch(recipe, gpu=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     info = json.loads((out / "final/compression.json").read_text())
     assert info["device"].startswith("cuda") and info["precision"] == "bf16", info["device"]

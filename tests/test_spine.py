@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from compress.checkpoint import latest_step
 from compress.tracking import read_metrics
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import REPO, launch_cmd, run_env, write_recipe
 
 TOY = {"kind": "toy_mask", "drop_layer": 1, "density": 0.5, "tighten_at": 4}
 STAGE_DIR = "stages/0-toy_mask"
@@ -30,8 +29,6 @@ def toy_recipe(path, teacher, out, **train):
                         stages=[TOY, {"kind": "distill", "max_steps": 3}])
 
 
-def launch(recipe, *extra):
-    return [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra]
 
 
 def run(cmd):
@@ -48,7 +45,7 @@ def masks_of(state: dict) -> dict:
 def toy_run(tiny_teacher, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     recipe = toy_recipe(tmp / "r.yaml", tiny_teacher, tmp / "out", keep_optimizer_states=True)
-    p = run(launch(recipe))
+    p = run(launch_cmd(recipe))
     return recipe, tmp / "out", p
 
 
@@ -84,7 +81,7 @@ def test_transform_then_training_keeps_the_mask(toy_run, tiny_teacher):
 def test_finished_transform_and_stages_are_not_redone(toy_run):
     recipe, out, _ = toy_run
     before = (out / STAGE_DIR / "transformed/model.safetensors").stat().st_mtime_ns
-    again = run(launch(recipe))
+    again = run(launch_cmd(recipe))
     assert "stage 0 (toy_mask) already finished" in again.stdout
     assert (out / STAGE_DIR / "transformed/model.safetensors").stat().st_mtime_ns == before
 
@@ -94,7 +91,7 @@ def test_sigkill_mid_stage_then_resume_restores_mask_and_method_state(toy_run, t
     _, ref_out, _ = toy_run
     out = tmp_path / "killed"
     recipe = toy_recipe(tmp_path / "r.yaml", tiny_teacher, out, keep_optimizer_states=True, max_steps=12)
-    proc = subprocess.Popen(launch(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
+    proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
                             cwd=REPO, start_new_session=True)
     ckpts = out / STAGE_DIR / "checkpoints"
     deadline = time.time() + 300
@@ -107,7 +104,7 @@ def test_sigkill_mid_stage_then_resume_restores_mask_and_method_state(toy_run, t
     killed_at = latest_step(ckpts)
     assert 6 <= killed_at < 12 and not (out / STAGE_DIR / "model").exists()
 
-    p = run(launch(recipe))
+    p = run(launch_cmd(recipe))
     assert f"resumed stage 0 (toy_mask) from step {killed_at}" in p.stdout
     ref, got = read_metrics(ref_out), read_metrics(out)
     ref_loss = torch.tensor([r["loss"] for r in ref if "loss" in r], dtype=torch.float64)
@@ -122,7 +119,7 @@ def test_sigkill_mid_stage_then_resume_restores_mask_and_method_state(toy_run, t
 def test_no_checkpoints_left_after_a_stage_by_default(tiny_teacher, tmp_path):
     out = tmp_path / "out"
     recipe = toy_recipe(tmp_path / "r.yaml", tiny_teacher, out, max_steps=2, precision="fp32", zero_stage=0)
-    run(launch(recipe))
+    run(launch_cmd(recipe))
     # the stage result and the transform's small report stay; checkpoints and transformed/ are gone
     assert sorted(p.name for p in (out / STAGE_DIR).iterdir()) == ["model", "transform.json"]
     info = json.loads((out / "run.json").read_text())

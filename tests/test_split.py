@@ -1,7 +1,6 @@
 """One train/validation split everywhere: training data, the pydocs lm-eval tasks, run_lm_eval."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.data import is_validation, python_docs_dir, split_documents

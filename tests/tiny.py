@@ -71,9 +71,11 @@ def launch_cmd(recipe: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "launch/distill.py"), "--recipe", str(recipe), *extra]
 
 
-def launch(recipe: Path, *extra: str, timeout: int = 600):
-    """Run launch/distill.py to its end; the CompletedProcess (output captured as text)."""
+def launch(recipe: Path, *extra: str, timeout: int = 600, gpu: bool = False):
+    """Run launch/distill.py to its end; the CompletedProcess (output captured as text). ``gpu``:
+    without DS_ACCELERATOR, so DeepSpeed finds the GPU."""
     import subprocess
 
-    return subprocess.run(launch_cmd(recipe, *extra), capture_output=True, text=True, env=run_env(), cwd=REPO,
+    env = {k: v for k, v in run_env().items() if not (gpu and k == "DS_ACCELERATOR")}
+    return subprocess.run(launch_cmd(recipe, *extra), capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=timeout)
