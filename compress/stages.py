@@ -41,12 +41,14 @@ from compress.losses import ce_loss
 def with_model_losses(loss: torch.Tensor, logs: dict, out, module: nn.Module) -> tuple[torch.Tensor, dict]:
     """``loss`` plus what the model itself asks to be trained with (an MoE router's load-balancing
     and z losses, ``compress.upcycle.router_losses``), for every training method."""
-    from compress.upcycle import router_losses
+    from compress.upcycle import dropped_fraction, router_losses
 
     inner = module
     while hasattr(inner, "module") or hasattr(inner, "student"):  # DeepSpeed engine, then a method's wrapper
         inner = getattr(inner, "module", None) or inner.student
     extra, more = router_losses(out, inner.config)
+    if more and (dropped := dropped_fraction(inner)) is not None:  # routings over an expert's capacity
+        more["expert_dropped"] = dropped
     return (loss if extra is None else loss + extra), {**logs, **more}
 
 

@@ -17,9 +17,15 @@ Losses the loop adds (``router_losses``), from the router logits of every layer:
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import torch
+from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from compress.errors import CompressError
+from compress.modelio import register_module
 
 ROUTER_Z_LOSS_COEF = "router_z_loss_coef"  # our key in the MoE config (transformers ignores it)
 
@@ -126,3 +132,70 @@ def utilization(model, blocks: torch.Tensor, batch_size: int = 8) -> list[list[f
             top = logits.float().topk(cfg.num_experts_per_tok, -1).indices.reshape(-1)
             counts[l] += torch.bincount(top.cpu(), minlength=cfg.num_local_experts).double()
     return (counts / counts.sum(1, keepdim=True)).tolist()
+
+
+def capacity_keep(indices: torch.Tensor, scores: torch.Tensor, experts: int, capacity_factor: float) -> torch.Tensor:
+    """Which (token, slot) routings fit their expert's capacity C = ceil(factor * tokens * k / E),
+    (tokens, k) bool. Batch-prioritized (Riquelme et al. 2021): an expert takes its routings in
+    decreasing router weight, so a token's weaker choices are dropped first."""
+    n, k = indices.shape
+    cap = math.ceil(capacity_factor * n * k / experts)
+    order = torch.argsort(scores.detach().reshape(-1), descending=True, stable=True)
+    onehot = torch.nn.functional.one_hot(indices.reshape(-1)[order], experts)  # (n k, E) in priority order
+    rank = torch.empty(n * k, dtype=torch.long, device=indices.device)
+    rank[order] = ((onehot.cumsum(0) - 1) * onehot).sum(-1)  # position in its expert's queue
+    return (rank < cap).reshape(n, k)
+
+
+@register_module
+class CapacityRouter(MixtralTopKRouter):
+    """Mixtral's top-k router that, while training, drops the routings beyond each expert's
+    capacity (their weight becomes 0: the token keeps its other experts and the residual).
+    Inference (and the export, a stock router) is dropless."""
+
+    def __init__(self, experts: int, hidden: int, top_k: int, capacity_factor: float):
+        super().__init__(_router_config(experts, hidden, top_k))
+        self.capacity_factor = capacity_factor
+        self.dropped = None  # fraction of routings dropped in the last training forward
+
+    def forward(self, hidden_states):
+        logits, scores, indices = super().forward(hidden_states)
+        if self.training:
+            keep = capacity_keep(indices, scores, self.num_experts, self.capacity_factor)
+            scores = scores * keep.to(scores.dtype)
+            self.dropped = 1.0 - keep.float().mean().detach()
+        return logits, scores, indices
+
+    def spec(self) -> dict:
+        return {"experts": self.num_experts, "hidden": self.hidden_dim, "top_k": self.top_k,
+                "capacity_factor": self.capacity_factor}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "CapacityRouter":
+        return cls(**spec)
+
+    def materialize(self) -> nn.Module:
+        plain = MixtralTopKRouter(_router_config(self.num_experts, self.hidden_dim, self.top_k))
+        plain.weight = self.weight
+        return plain
+
+
+def _router_config(experts: int, hidden: int, top_k: int) -> SimpleNamespace:
+    return SimpleNamespace(num_experts_per_tok=top_k, num_local_experts=experts, hidden_size=hidden)
+
+
+def with_capacity(model: nn.Module, capacity_factor: float) -> nn.Module:
+    """Swap every Mixtral router of ``model`` for a ``CapacityRouter`` (same weight)."""
+    for name, m in list(model.named_modules()):
+        if type(m) is MixtralTopKRouter:
+            r = CapacityRouter(m.num_experts, m.hidden_dim, m.top_k, capacity_factor).to(m.weight.device, m.weight.dtype)
+            r.weight = m.weight
+            model.set_submodule(name, r.train(m.training))
+    return model
+
+
+def dropped_fraction(model: nn.Module) -> torch.Tensor | None:
+    """The mean fraction of routings the capacity routers dropped in the last training forward."""
+    got = [m.dropped for m in model.modules() if getattr(m, "dropped", None) is not None]
+    return torch.stack(got).mean() if got else None
+

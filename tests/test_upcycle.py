@@ -1,7 +1,9 @@
 """Dense -> MoE upcycling: exact at init, router losses in the loop, and a real run whose export is
 a stock Mixtral that transformers loads alone."""
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -67,10 +69,56 @@ def test_router_losses_are_the_load_balance_and_z_terms():
 
 
 
+def test_capacity_keeps_each_experts_highest_weighted_routings_up_to_its_capacity():
+    from compress.upcycle import capacity_keep
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 2, generator=g)
+    indices = torch.randint(0, 4, (50, 2), generator=g)
+    indices[:, 1] = (indices[:, 0] + 1) % 4  # two different experts a token
+    for factor in (0.5, 1.0):
+        keep = capacity_keep(indices, scores, 4, factor)
+        cap = math.ceil(factor * 50 * 2 / 4)
+        for e in range(4):
+            mine = indices == e
+            assert keep[mine].sum() == min(cap, int(mine.sum()))  # full up to capacity ...
+            if (~keep & mine).any():  # ... with its best: every dropped one weighs no more than every kept one
+                assert scores[~keep & mine].max() <= scores[keep & mine].min()
+    assert capacity_keep(indices, scores, 4, 2.0).all()  # 2 x the even share fits everything here
+
+
+def test_capacity_router_drops_while_training_and_is_a_stock_router_otherwise(tmp_path):
+    from compress.modelio import load_stage_model, materialize, save_stage_model
+    from compress.upcycle import CapacityRouter, dropped_fraction, with_capacity
+
+    moe = upcycled(tiny(), 4, 2, "copy", router_std=1.0, noise=0.05)
+    ref = copy.deepcopy(moe)
+    with_capacity(moe, 0.5)
+    assert isinstance(moe.model.layers[0].mlp.gate, CapacityRouter)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, ref(input_ids=ids).logits)  # eval: dropless
+        assert dropped_fraction(moe) is None
+        moe.train()
+        dropped = moe(input_ids=ids).logits
+        assert 0 < dropped_fraction(moe) < 1 and not torch.allclose(dropped, ref(input_ids=ids).logits)
+        out = moe(input_ids=ids, output_router_logits=True)
+        assert len(out.router_logits) == 2 and out.aux_loss is not None  # the router losses still see it
+    moe.eval()
+    save_stage_model(moe, tmp_path / "m")
+    back = load_stage_model(tmp_path / "m")  # between stages and after a resume it stays capacity-limited
+    assert back.model.layers[1].mlp.gate.capacity_factor == 0.5
+    plain = materialize(copy.deepcopy(back))  # the export: stock routers, the same weights
+    assert type(plain.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
 @pytest.mark.slow
 def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(tiny_teacher, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
-                          stages=[{"kind": "upcycle", "experts": 4, "top_k": 2, "noise": 0.01, "calibration_blocks": 4},
+                          stages=[{"kind": "upcycle", "experts": 4, "top_k": 2, "noise": 0.01, "calibration_blocks": 4,
+                                   "capacity_factor": 1.0},
                                   {"kind": "distill", "max_steps": 4}])
     p = launch(recipe)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -90,6 +138,8 @@ def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(ti
     assert len(util["utilization"]) == 4 and len(util["utilization_at_init"]) == 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("load_balance" in r and "router_z" in r for r in metrics), "the router losses were not trained"
+    assert any(r.get("expert_dropped", 0) > 0 for r in metrics)  # capacity 1.0 drops some routings while training
+    assert type(final.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"  # the export is dropless, stock
     router0 = final.model.layers[0].mlp.gate.weight
     again = launch(recipe)  # a finished run: the transform is not redone, the router state stays
     assert again.returncode == 0 and "already finished" in again.stdout

@@ -7,6 +7,7 @@ load-balancing and z losses added by the loop.
         experts: 4
         top_k: 2
         init: copy            # copy (+ noise) | split (channels cut into E parts)
+        capacity_factor: 1.25 # optional: while training, each expert takes at most 1.25 x its even share
       - kind: distill         # KD from the dense model
 
 The result is a stock ``MixtralForCausalLM`` (transformers, lm-eval and vLLM load it without our
@@ -24,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import CompressError
-from compress.upcycle import check_upcycle, moe_config, param_counts, upcycled_state, utilization
+from compress.upcycle import check_upcycle, moe_config, param_counts, upcycled_state, utilization, with_capacity
 from compress.stages import StageConfig, StageMethod, earlier_stage, register
 
 
@@ -38,6 +39,9 @@ class UpcycleStage(StageConfig):
     aux_loss_coef: float = Field(0.01, ge=0.0)
     z_loss_coef: float = Field(0.001, ge=0.0)
     calibration_blocks: int = Field(16, ge=1)  # for the utilization histograms
+    # training only: an expert takes at most factor x tokens x top_k / experts routings a batch, the
+    # highest-weighted first; the rest are dropped (None: dropless, as inference and the export are)
+    capacity_factor: float | None = Field(None, gt=0.0)
     max_steps: None = None
 
 
@@ -72,8 +76,11 @@ class Upcycle(StageMethod):
         assert not unexpected and set(missing) <= tied, f"upcycled state does not fit: {missing} {unexpected}"
         moe = moe.to(device)
         moe.config.use_cache = False
+        if cfg.capacity_factor is not None:
+            with_capacity(moe, cfg.capacity_factor)
         blocks = ctx.calibration(cfg.calibration_blocks)
         self.transform_info = {"experts": cfg.experts, "top_k": cfg.top_k, "init": cfg.init,
+                               "capacity_factor": cfg.capacity_factor,
                                "moe_params": param_counts(new_cfg),
                                "utilization_at_init": utilization(moe, blocks, ctx.recipe.train.micro_batch_size)}
         return moe
