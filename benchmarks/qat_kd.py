@@ -53,6 +53,9 @@ ARMS = {
     "qat_kd_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}}}]", TRAIN),
     # QAT-KD starting from GPTQ's latent weights, its scales held fixed
     "qat_kd_gptq_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, {GPTQ}}}]", TRAIN),
+    # ... and its scales trained from GPTQ's (LSQ)
+    "qat_kd_gptq_lsq_int4_g64": ("{init: teacher}",
+                                 f"[{{kind: qat, weights: {{bits: 4, group_size: 64, learn_scales: true}}, {GPTQ}}}]", TRAIN),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}

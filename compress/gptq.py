@@ -156,14 +156,18 @@ def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Modu
 
 def gptq_model(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 8,
                block_size: int = 128, damp: float = 0.01, act_order: bool = False, log=print) -> dict[str, float]:
-    """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; freezes their
-    params and sets each weight to GPTQ's latent one (its fake-quant forward is GPTQ's result);
-    returns each module's loss."""
+    """GPTQ every ``QuantLinear`` in ``modules`` (name -> module) layer by layer; sets each weight
+    to GPTQ's latent one and its params to GPTQ's (its fake-quant forward is GPTQ's result):
+    frozen, or, for a module with learned scales, as the scales training starts from. Returns
+    each module's loss."""
 
     def solve(name, m, H):
         r = gptq(m.weight, H, m.wformat, block_size, damp, act_order)
         m.weight.copy_(r.latent.to(m.weight.dtype))
-        m.freeze(r.params)
+        if m.opts["learn_scales"]:  # LSQ from GPTQ's grid (its scales are already stored values)
+            m.scale.copy_(r.params["scale"]), m.zero.copy_(r.params["zero"])
+        else:
+            m.freeze(r.params)
         return r.loss
 
     return layerwise(model, blocks, modules, solve, batch_size, log, "gptq")

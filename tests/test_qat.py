@@ -257,11 +257,25 @@ def test_qat_from_gptq_trains_the_weights_on_gptqs_fixed_grid(tiny_teacher, tmp_
     assert moved > 0  # training changed quantized weights on that grid
 
 
-def test_gptq_init_refuses_learned_scales():
-    from compress.methods.qat import QatStage
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_gives_learned_scales_its_own_grid_to_start_from(act_order):
+    """learn_scales + method: gptq: the scales training starts from are GPTQ's, and the LSQ forward
+    is then GPTQ's result, layer after layer (as with GPTQ's frozen params)."""
+    from compress.gptq import gptq_model
 
-    with pytest.raises(ValueError, match="drop one of them"):
-        QatStage(method="gptq", weights={"bits": 4, "learn_scales": True})
+    model, ref = tiny(), tiny()
+    lsq = quantize_linears(model, WeightQuant(bits=4, group_size=32, learn_scales=True))
+    frozen = quantize_linears(ref, WeightQuant(bits=4, group_size=32))
+    blocks = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        for swapped, m in ((lsq, model), (frozen, ref)):
+            gptq_model(m, blocks, swapped, batch_size=8, act_order=act_order, log=lambda *_: None)
+        for name, q in lsq.items():
+            assert not q.opts["frozen"] and q.scale.requires_grad, name
+            torch.testing.assert_close(q.scale, frozen[name].qparams()["scale"], rtol=0, atol=0)
+            if q.in_features == 64:
+                torch.testing.assert_close(q(x), frozen[name](x), rtol=1e-6, atol=1e-6)
 
 
 def test_kv_cache_quantization_rounds_k_and_v_survives_the_stage_and_is_exported(tmp_path):

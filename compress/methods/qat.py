@@ -13,7 +13,8 @@ and KV-cache quantization, exported as compressed-tensors (transformers, vLLM) o
         method: gptq                   # rtn (default) | gptq (compress.gptq, on calibration text)
 
 A ``qat`` stage takes ``method: gptq`` too: training then starts from GPTQ's weights, with GPTQ's
-scales held fixed (the weights move on that grid), instead of from round to nearest.
+scales held fixed (the weights move on that grid), or trained from there with ``learn_scales``,
+instead of from round to nearest.
 
 The transform swaps every targeted ``nn.Linear`` (``targets`` name suffixes, minus ``ignore``) for
 a ``QuantLinear``: float master weights, forward through the format's quantize-dequantize
@@ -278,17 +279,11 @@ class GPTQConfig(Strict):
 
 class WeightsFrom(Strict):
     """How the quantized weights are set before any training: round to nearest (the params follow
-    the weight at every step), or GPTQ (its compensated weights, its params then held fixed)."""
+    the weight at every step), or GPTQ (its compensated weights; its params then held fixed, or,
+    with ``learn_scales``, the scales training starts from)."""
 
     method: Literal["rtn", "gptq"] = "rtn"
     gptq: GPTQConfig = Field(default_factory=GPTQConfig)
-
-    @model_validator(mode="after")
-    def _gptq_scales(self) -> "WeightsFrom":
-        if self.method == "gptq" and self.weights.learn_scales:
-            raise ValueError("learn_scales starts from the weights' own scales, but method: gptq fixes GPTQ's: "
-                             "drop one of them")
-        return self
 
 
 class QatStage(WeightsFrom, DistillStage):
