@@ -111,8 +111,11 @@ def test_tokenizer_mismatch(tiny_teacher, tmp_path, capsys):
     LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    assert main(["--model", str(tmp_path / "m"), "--teacher", str(tiny_teacher)]) == 2
-    assert "tokenizers differ" in capsys.readouterr().err
+    # another tokenizer is compared in bits per byte (tests/test_cross_tokenizer.py runs that); a
+    # token-level gate cannot be, and is refused before any model loads
+    assert main(["--model", str(tmp_path / "m"), "--teacher", str(tiny_teacher), "--gate", "top1_min=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizers differ" in err and "compare them token by token; use --gate bpb_ratio_max" in err
 
 
 @pytest.mark.slow
