@@ -118,7 +118,8 @@ def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> s
     devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
     lines = [f"Weight quantization of SmolLM2-135M-Instruct against its fp teacher, held-out Python docs; seeds {args.seeds}.",
              f"Command: .venv/bin/python benchmarks/qat_kd.py --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
-             + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
+             + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if args.tasks else "")
+             + f" --tag {args.tag}", f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
              "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).", ""]
     kv_values = 2 * 30 * 3 * 64  # K and V, per token: layers x KV heads x head_dim of SmolLM2-135M
     tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
