@@ -1,20 +1,16 @@
 """Two DeepSpeed ranks on CPU through the real launcher: equivalence, SIGKILL + resume, ZeRO-3."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.checkpoint import latest_step
 from compress.models import param_count
 from compress.tracking import read_metrics
-from tests.tiny import REPO, run_env, write_recipe
+from tests.tiny import REPO, kill_at_checkpoint, run_env, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.multi_rank]
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command
@@ -60,17 +56,7 @@ def test_sigkill_and_resume_reaches_the_same_loss(two_rank_run, tmp_path):
     recipe, ref_out = two_rank_run
     out = tmp_path / "killed"
     cmd = deepspeed_cmd(recipe, port=29633) + [f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), cwd=REPO,
-                            start_new_session=True)
-    ckpts = out / "stages/0-distill/checkpoints"
-    deadline = time.time() + 300
-    while (latest_step(ckpts) or 0) < 4:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    proc.wait()
-    killed_at = latest_step(ckpts)
+    killed_at = kill_at_checkpoint(cmd, out / "stages/0-distill/checkpoints", 4, timeout=300)
     assert killed_at < 16 and not (out / "final").exists()
 
     p = run(cmd)

@@ -341,15 +341,9 @@ def test_qat_with_learned_scales_and_a_quantized_kv_cache_exports_both(tiny_teac
 def test_sigkill_mid_qat_then_resume_ends_where_an_unbroken_run_ends(tiny_teacher, tmp_path):
     """Learned scales (optimizer state), GPTQ's frozen params and calibrated KV scales (buffers)
     all come back from the checkpoint: the resumed run's result equals the unbroken run's."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     from safetensors.torch import load_file
 
-    from compress.checkpoint import latest_step
-    from tests.tiny import REPO, launch_cmd, run_env
+    from tests.tiny import kill_at_checkpoint, launch_cmd
 
     kv = {"format": "fp8", "per_head": True, "calibration_blocks": 4}
     stages = [{"kind": "quantize", "method": "gptq", "gptq": {"calibration_blocks": 4},
@@ -361,16 +355,7 @@ def test_sigkill_mid_qat_then_resume_ends_where_an_unbroken_run_ends(tiny_teache
         recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, tmp_path / name, student={"init": "teacher"},
                               train={"lr": 1e-2, "max_steps": 10, "save_every": 2}, stages=stages)
         if name == "killed":
-            proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env=run_env(), cwd=REPO, start_new_session=True)
-            ckpts = tmp_path / name / "stages/1-qat/checkpoints"
-            deadline = time.time() + 400
-            while (latest_step(ckpts) or 0) < 4 and time.time() < deadline:
-                assert proc.poll() is None, "the run ended before it could be killed"
-                time.sleep(0.2)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed_at = latest_step(ckpts)
+            killed_at = kill_at_checkpoint(launch_cmd(recipe), tmp_path / name / "stages/1-qat/checkpoints", 4)
             assert killed_at and killed_at < 10
         p = launch(recipe)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

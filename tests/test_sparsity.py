@@ -3,20 +3,15 @@ Wanda, and a real run (sparsify -> distill -> qat) whose mask holds through ever
 (bf16 master weights, ZeRO-1), through SIGKILL + resume, and in both exports."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from compress.checkpoint import latest_step
 from compress.methods.sparsify import SparseLinear, SparsifyStage, sparsify
 from compress.sparsity import nm_mask, pack_24, parse_pattern, row_mask, sparsegpt, unpack_24
-from tests.tiny import REPO, launch, launch_cmd, run_env, write_recipe
+from tests.tiny import kill_at_checkpoint, launch, launch_cmd, write_recipe
 
 
 def groups_ok(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -158,16 +153,7 @@ def test_mask_holds_through_training_quantization_and_both_exports(sparse_run):
 def test_sigkill_mid_finetune_then_resume_keeps_the_mask(sparse_run, tiny_teacher, tmp_path):
     out = tmp_path / "killed"
     recipe = sparse_recipe(tmp_path / "r.yaml", tiny_teacher, out, max_steps=12)
-    proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
-                            cwd=REPO, start_new_session=True)
-    ckpts = out / "stages/1-distill/checkpoints"
-    deadline = time.time() + 400
-    while (latest_step(ckpts) or 0) < 4 and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = latest_step(ckpts)
+    killed_at = kill_at_checkpoint(launch_cmd(recipe), out / "stages/1-distill/checkpoints", 4)
     assert killed_at and killed_at < 12
     p = launch(recipe, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

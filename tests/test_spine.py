@@ -4,19 +4,15 @@ weights (bf16 on DeepSpeed's bf16 optimizer, ZeRO-1), through a later stage of a
 through SIGKILL + resume, and in the export. The method is the plugin ``tests/toy_method.py``."""
 
 import json
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from compress.checkpoint import latest_step
 from compress.tracking import read_metrics
-from tests.tiny import REPO, launch_cmd, run_env, write_recipe
+from tests.tiny import REPO, kill_at_checkpoint, launch_cmd, run_env, write_recipe
 
 TOY = {"kind": "toy_mask", "drop_layer": 1, "density": 0.5, "tighten_at": 4}
 STAGE_DIR = "stages/0-toy_mask"
@@ -91,17 +87,8 @@ def test_sigkill_mid_stage_then_resume_restores_mask_and_method_state(toy_run, t
     _, ref_out, _ = toy_run
     out = tmp_path / "killed"
     recipe = toy_recipe(tmp_path / "r.yaml", tiny_teacher, out, keep_optimizer_states=True, max_steps=12)
-    proc = subprocess.Popen(launch_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
-                            cwd=REPO, start_new_session=True)
-    ckpts = out / STAGE_DIR / "checkpoints"
-    deadline = time.time() + 300
-    while (latest_step(ckpts) or 0) < 6:  # past tighten_at=4: the tightened mask lives only in checkpoints
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = latest_step(ckpts)
+    # past tighten_at=4: the tightened mask lives only in checkpoints
+    killed_at = kill_at_checkpoint(launch_cmd(recipe), out / STAGE_DIR / "checkpoints", 6, timeout=300)
     assert 6 <= killed_at < 12 and not (out / STAGE_DIR / "model").exists()
 
     p = run(launch_cmd(recipe))

@@ -79,3 +79,24 @@ def launch(recipe: Path, *extra: str, timeout: int = 600, gpu: bool = False):
     env = {k: v for k, v in run_env().items() if not (gpu and k == "DS_ACCELERATOR")}
     return subprocess.run(launch_cmd(recipe, *extra), capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=timeout)
+
+
+def kill_at_checkpoint(cmd: list[str], ckpts: Path, step: int, timeout: float = 400) -> int:
+    """Start ``cmd`` (a run, in its own process group), SIGKILL the whole group once ``ckpts``
+    holds a complete checkpoint at ``step`` or later, and return the latest one left."""
+    import signal
+    import subprocess
+    import time
+
+    from compress.checkpoint import latest_step
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), cwd=REPO,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while (latest_step(ckpts) or 0) < step:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
+    proc.wait()
+    return latest_step(ckpts)
