@@ -181,8 +181,8 @@ def evaluate_pair(student, teacher, tokenizer, cfg, val_blocks: torch.Tensor, *,
     ``data`` is the run's data section (``DataConfig.model_dump()``): our held-out text tasks
     score exactly the documents that training held out. ``results["seconds"]`` times each phase.
     With ``teacher_tokenizer`` (a student with its own tokenizer) the teacher runs lm-eval with
-    its own, the pair is compared in bits per byte of the same text, and the speculative check,
-    which verifies draft tokens id by id, is skipped and says why.
+    its own, the pair is compared in bits per byte of the same text, and the speculative check
+    serves the student through transformers' universal assisted generation (greedy only).
     """
     student.eval()
     teacher.eval()

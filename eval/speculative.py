@@ -225,11 +225,7 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
             stopped = f"hopeless: acceptance {rate:.3f} < {hopeless_below} after {len(results)} of {len(prompts)} prompts"
         if stopped:
             break
-        if i not in baseline:
-            start = _now(device)
-            tokens = greedy_generate(target, p, max_new_tokens)
-            baseline[i] = (tokens, _now(device) - start)
-        reference, seconds = baseline[i]
+        reference, seconds = _baseline(target, p, i, baseline, max_new_tokens)
         base_time += seconds
         base_tokens += reference.numel()
         start = _now(device)
@@ -342,11 +338,7 @@ def serve_prompts_across_tokenizers(target, draft, tokenizers: tuple, prompts: l
         if passes and deadline is not None and time.monotonic() > deadline:
             stopped = f"time budget spent after {len(passes)} of {len(prompts)} prompts"
             break
-        if i not in baseline:
-            start = _now(device)
-            tokens = greedy_generate(target, p, max_new_tokens)
-            baseline[i] = (tokens, _now(device) - start)
-        reference, seconds = baseline[i]
+        reference, seconds = _baseline(target, p, i, baseline, max_new_tokens)
         base_time += seconds
         base_tokens += reference.numel()
         start = _now(device)
@@ -360,6 +352,16 @@ def serve_prompts_across_tokenizers(target, draft, tokenizers: tuple, prompts: l
             "spec_tokens_per_s": spec_tps, "speedup": spec_tps / target_tps, "exact_match": exact,
             "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
             "method": "transformers universal assisted generation (draft text re-tokenized)", "stopped": stopped}
+
+
+def _baseline(target, prompt: torch.Tensor, i: int, baseline: dict, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Prompt ``i``'s greedy reference from the target alone and its time, run once and kept in
+    ``baseline`` (shared by every k and both serving paths)."""
+    if i not in baseline:
+        start = _now(target.device)
+        tokens = greedy_generate(target, prompt, max_new_tokens)
+        baseline[i] = (tokens, _now(target.device) - start)
+    return baseline[i]
 
 
 @contextlib.contextmanager

@@ -58,6 +58,10 @@ class Gates(Strict):
     top1_min: float | None = Field(None, ge=0, le=1)
     acceptance_min: float | None = Field(None, ge=0, le=1)  # at the first k of speculative.ks
 
+    def token_level(self) -> list[str]:
+        """The gates set here that compare student and teacher token by token (one vocabulary)."""
+        return [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(self, k) is not None]
+
 
 class EvalStage(StageConfig):
     """lm-eval tasks, teacher-relative metrics, the speculative-decoding check, gates, report."""
@@ -105,7 +109,7 @@ class Evaluate(StageMethod):
     def check_across_tokenizers(cls, cfg, index: int) -> None:
         from compress.errors import CompressError
 
-        token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(cfg.gates, k) is not None]
+        token_gates = cfg.gates.token_level()
         if token_gates:
             raise CompressError(f"stage {index} (eval): gates {token_gates} compare student and teacher token by "
                                 "token, but their tokenizers differ: use gates.bpb_ratio_max")

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             shared_vocab(tokenizer, own)
             teacher_tokenizer = None
         except CompressError as e:  # a student with its own tokenizer: compared in bits per byte
-            token_gates = [k for k in ("ppl_ratio_max", "top1_min", "acceptance_min") if getattr(cfg.gates, k) is not None]
+            token_gates = cfg.gates.token_level()
             if token_gates:
                 raise CompressError(f"{str(e).split(';')[0]}: the gates {token_gates} compare them token by token; "
                                     "use --gate bpb_ratio_max=...") from None
@@ -106,14 +106,15 @@ def main(argv=None) -> int:
         check_tasks(cfg.tasks)
         from eval.tasks.utils import check_task_data
 
-        check_task_data(cfg.tasks, export_data_config(args.model).model_dump(mode="json"))
-        return run(args, cfg, tokenizer, teacher_tokenizer)
+        data_cfg = export_data_config(args.model)
+        check_task_data(cfg.tasks, data_cfg.model_dump(mode="json"))
+        return run(args, cfg, tokenizer, data_cfg, teacher_tokenizer)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args, cfg, tokenizer, teacher_tokenizer=None) -> int:
+def run(args, cfg, tokenizer, data_cfg, teacher_tokenizer=None) -> int:
     import torch
 
     from compress.data import prepare_data
@@ -124,7 +125,6 @@ def run(args, cfg, tokenizer, teacher_tokenizer=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(args.out or Path(args.model) / "eval")
-    data_cfg = export_data_config(args.model)
     data = prepare_data(data_cfg, tokenizer)
     if args.kernels:
         from eval.kernel_model import load_kernel_model
