@@ -305,6 +305,30 @@ def uld_loss(student_logits, teacher_logits, temperature: float = 1.0, mask=None
     return _masked_mean(sorted_l1(zs.softmax(-1), zt.softmax(-1), top_k), mask)
 
 
+def uld_loss_topk(student_logits, teacher_logprobs, temperature: float = 1.0, mask=None) -> torch.Tensor:
+    """ULD against a teacher known by its top-k log-probs only (an offline cache, ``compress.offline_kd``,
+    already at ``temperature``): the student's k largest probabilities of softmax(z / T) against the
+    teacher's, both sorted, plus |tail_s - tail_t| for the mass beyond them, averaged over (masked)
+    rows. (N, Vs), (N, k) -> scalar; equals ``uld_loss(..., top_k=k)`` given the teacher's exact top-k.
+
+        loss = uld_loss_topk(zs, cache_logprobs, temperature=2.0)
+    """
+    if student_logits.dim() != 2 or teacher_logprobs.dim() != 2 or student_logits.shape[0] != teacher_logprobs.shape[0]:
+        raise CompressError(f"uld_loss_topk: student logits (N, Vs) and teacher top-k log-probs (N, k) with the same N; "
+                            f"got {tuple(student_logits.shape)} and {tuple(teacher_logprobs.shape)}")
+    k = teacher_logprobs.shape[-1]
+    if k > student_logits.shape[-1]:
+        raise CompressError(f"uld_loss_topk: the teacher's top-{k} is wider than the student's vocabulary "
+                            f"({student_logits.shape[-1]}); use a smaller top_k")
+    zs, _, mask = _rows(student_logits, student_logits, mask, temperature, "uld_loss_topk")
+    ps = zs.softmax(-1)
+    hs = ps.topk(k, -1).values
+    ht = teacher_logprobs.float().exp().sort(-1, descending=True).values
+    tail_s = (ps.sum(-1) - hs.sum(-1)).clamp_min(0)
+    tail_t = (1 - ht.sum(-1)).clamp_min(0)
+    return _masked_mean((hs - ht).abs().sum(-1) + (tail_s - tail_t).abs(), mask)
+
+
 def vocab_overlap(student_tok, teacher_tok, match_eos: bool = True, include_special: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs of ids (s_ids, t_ids), one-to-one, whose tokens are the same bytes.
 

@@ -13,6 +13,14 @@ write different shards and each shard's checksum lives beside it. Loading checks
 A manifest whose key differs (other teacher, data, k, temperature or an older format such as v1's
 ``shard_*.pt``) makes the folder be rebuilt. ``vocab_size`` is the teacher's: kd_loss needs it
 (``teacher_vocab=cache.vocab_size``) to leave a student's padding rows out, as online KD does.
+
+Across tokenizers (``precompute(..., align=...)``, manifest ``"positions": "student"``) the data
+blocks are student ids; the teacher runs on its own tokenization of each block's text, and row
+(b, s) holds the teacher's top-k at the teacher position that ends at the same byte as student
+position s (``compress.cross_tokenizer.align_batch``). Student positions with no such teacher
+position hold a filler row (ids 0..k-1, uniform) that the loss never reads: it re-aligns the
+block, which is deterministic, and reads only the paired rows. ``tokens``, ``bytes_per_token`` and
+``recon_kl`` then count the paired positions only.
 """
 
 from __future__ import annotations
@@ -217,21 +225,41 @@ def _manifest(root: Path) -> dict | None:
         return None  # none or unreadable: the folder is rebuilt
 
 
+def _at_student_positions(ids: torch.Tensor, lp: torch.Tensor, al: dict, T: int, vocab_size: int):
+    """The teacher's top-k over its own positions (B, Tt, k) -> rows at the student's positions
+    (B, T, k), the filler where a student position has no teacher partner, and the (B, T) paired mask."""
+    B, _, k = ids.shape
+    out_ids = torch.arange(k).expand(B, T, k).clone()
+    out_lp = torch.full((B, T, k), -math.log(vocab_size), dtype=lp.dtype)
+    keep = al["pair_mask"].cpu()
+    b = torch.arange(B)[:, None].expand_as(keep)[keep]
+    s, t = al["s_pos"].cpu()[keep], al["t_pos"].cpu()[keep]
+    out_ids[b, s], out_lp[b, s] = ids[b, t], lp[b, t]
+    paired = torch.zeros(B, T, dtype=torch.bool)
+    paired[b, s] = True
+    return out_ids, out_lp, paired
+
+
 def precompute(teacher, data, blocks: list[int], root: Path, *, k: int, temperature: float, key_parts: list,
-               shard_blocks: int, batch_size: int, rank: int, world: int, barrier, device) -> "TopkCache":
+               shard_blocks: int, batch_size: int, rank: int, world: int, barrier, device, align=None) -> "TopkCache":
     """Write the teacher's top-k at ``temperature`` for ``blocks`` into ``root`` (each rank its shards,
     skipping finished ones), measure the codec's KL over what it wrote, and open the cache.
 
         cache = precompute(teacher, data, blocks, root, k=64, temperature=2.0, key_parts=[src, data.key],
                            shard_blocks=64, batch_size=8, rank=0, world=1, barrier=lambda: None, device="cpu")
+
+    ``align``: for a student with another tokenizer, a function of the student ids (B, T) returning
+    ``align_batch``'s dict; the cache then holds the teacher's rows at the student's positions.
     """
     blocks = sorted(set(blocks))
     root = Path(root)
     vocab_size = teacher.config.vocab_size
-    key_json = json.dumps([FORMAT, *key_parts, k, temperature, vocab_size, shard_blocks, blocks])
+    positions = "teacher" if align is None else "student"
+    key_json = json.dumps([FORMAT, *key_parts, k, temperature, vocab_size, shard_blocks, blocks]
+                          + ([] if align is None else [positions]))
     key = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     meta = {"format": FORMAT, "key": key, "k": k, "temperature": temperature, "vocab_size": vocab_size,
-            "shard_blocks": shard_blocks, "blocks": blocks}
+            "shard_blocks": shard_blocks, "blocks": blocks, "positions": positions}
     if rank == 0:
         old = _manifest(root)
         if old is None or old.get("key") != key:  # for another teacher/data/k, or an older format: start over
@@ -243,20 +271,25 @@ def precompute(teacher, data, blocks: list[int], root: Path, *, k: int, temperat
     mine = [j for j in range(len(shards)) if j % world == rank and not _shard_done(root, j)]
     for j in tqdm(mine, desc="teacher top-k", disable=rank != 0 or not mine):
         index = torch.tensor(shards[j], dtype=torch.long)
-        ids_out, lp_out = [], []
+        ids_out, lp_out, paired_out = [], [], []
         for i in range(0, len(index), batch_size):
             x = data.batch(index[i : i + batch_size])["input_ids"].to(device)
-            logits = teacher.logits(x).float()  # (B, T, Vt)
+            al = None if align is None else align(x)
+            logits = teacher.logits(x if al is None else al["teacher_ids"].to(device)).float()  # (B, T or Tt, Vt)
             assert logits.shape[-1] == vocab_size, f"teacher gives {logits.shape[-1]} logits, its config says {vocab_size}"
-            ids, lp = teacher_topk(logits, k, temperature)
-            ids_out.append(ids.cpu())
-            lp_out.append(lp.cpu())
-        ids, lp = torch.cat(ids_out), torch.cat(lp_out)  # (n, T, k)
+            ids, lp = (t.cpu() for t in teacher_topk(logits, k, temperature))
+            paired = torch.ones(ids.shape[:2], dtype=torch.bool)
+            if al is not None:
+                ids, lp, paired = _at_student_positions(ids, lp, al, x.shape[1], vocab_size)
+            ids_out.append(ids)
+            lp_out.append(lp)
+            paired_out.append(paired)
+        ids, lp, paired = torch.cat(ids_out), torch.cat(lp_out), torch.cat(paired_out)  # (n, T, k), (n, T)
         packed = encode_topk(ids, lp)
         dec_ids, dec_lp = decode_topk(packed)
         sorted_ids, order = ids.sort(-1)
         assert torch.equal(dec_ids, sorted_ids), "top-k codec lost ids"
-        kl = topk_kl(lp.gather(-1, order), dec_lp)  # (n, T)
+        kl = topk_kl(lp.gather(-1, order), dec_lp)[paired]  # the rows the loss reads
         blob = save_safetensors({"index": index, **packed}, metadata={"format": FORMAT})
         publish_file(_shard_path(root, j), lambda tmp: tmp.write_bytes(blob))
         side = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "tokens": kl.numel(),
@@ -291,6 +324,9 @@ class TopkCache:
             raise CompressError(f"{self.root} holds an offline KD cache in format {meta.get('format', 'v1')!r}, this "
                                 f"version reads {FORMAT!r}; rerun precompute (the distill stage runs it), which rebuilds it")
         self.vocab_size = meta["vocab_size"]  # the teacher's: pass as kd_loss(teacher_vocab=...)
+        # "teacher": row t is the teacher's position t (one tokenizer); "student": the teacher's rows
+        # placed at the student positions they align with (another tokenizer; see the module doc)
+        self.positions = meta.get("positions", "teacher")
         self.k, self.temperature = meta["k"], meta["temperature"]
         # what precompute measured over every shard (None until it finished): nats/token, bytes/token
         self.recon_kl, self.bytes_per_token = meta.get("recon_kl"), meta.get("bytes_per_token")

@@ -99,6 +99,24 @@ def test_uld_top_k_is_exact_when_wide_and_a_lower_bound_when_narrow():
     assert uld_loss(sharp, flat, top_k=4).item() == pytest.approx(uld_loss(sharp, flat).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_uld_from_cached_topk_equals_uld_top_k(k):
+    """An offline teacher is its top-k log-probs at T: ULD from them is ``uld_loss(top_k=k)`` on the
+    teacher's logits, in value and in the student's gradient, masked rows left out."""
+    from compress.cross_tokenizer import uld_loss_topk
+    from compress.losses import teacher_topk
+
+    zs, zt = (torch.randn(6, 40) * 2).requires_grad_(), torch.randn(6, 70) * 2
+    mask = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    _, lp = teacher_topk(zt[None], k, 2.0)
+    got = uld_loss_topk(zs, lp[0], temperature=2.0, mask=mask)
+    want = uld_loss(zs, zt, temperature=2.0, mask=mask, top_k=k)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(got, zs)[0], torch.autograd.grad(want, zs)[0])
+    with pytest.raises(CompressError, match="wider than the student's vocabulary"):
+        uld_loss_topk(zs[:, :5], lp[0, :, :6] if k >= 6 else torch.zeros(6, 6))
+
+
 def test_sorted_l1_pads_the_shorter_side():
     ps = torch.tensor([[0.5, 0.3, 0.2]])
     pt = torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1]])
@@ -525,6 +543,93 @@ def test_on_policy_across_tokenizers_scores_the_students_own_text(tmp_path, stud
             {**stage, "on_policy": {"lmbda": 0.5, "source": "teacher"}}]))
 
 
+def _offline_pair(tmp_path, student_tok, teacher_tok, stage, x, chunk=None):
+    """A Distill method on a tiny teacher/student pair with the SmolLM2 and Mistral tokenizers, its
+    offline cache (if any) built by ``prepare`` from data blocks ``x`` (student ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.data import TokenData
+    from compress.methods.distill import Distill
+    from compress.recipe import load_recipe
+    from compress.stages import RunContext
+    from compress.teacher import Teacher
+    from tests.tiny import write_recipe
+
+    def llama(seed, vocab):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
+                                            tie_word_embeddings=True, max_position_embeddings=256))
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    blocks = torch.cat([x, x[:, :1]], 1).int()  # (n, T + 1), as TokenData holds them
+    data = TokenData(train=blocks, val=blocks[:1], key="ct-test")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out",
+                                      stages=[{**stage, **({"chunk_tokens": chunk} if chunk else {})}],
+                                      student={"init": "drop_layers", "tokenizer": "mistral-7b-v0.1"}))
+    ctx = RunContext(recipe=recipe, output_dir=tmp_path, tokenizer=student_tok, data=data, logger=None,
+                     device=torch.device("cpu"), teacher=Teacher(llama(1, len(teacher_tok))),
+                     extra={"stage_seed": 7}, teacher_tokenizer=teacher_tok)
+    m = Distill(recipe.stages[0], ctx)
+    module = m.wrap(llama(0, len(student_tok)))
+    m.prepare(module, tmp_path / "stage", steps=4)
+    return m, module, ctx
+
+
+def test_offline_cache_across_tokenizers_holds_the_teachers_rows_at_the_student_positions(tmp_path, student_tok,
+                                                                                            teacher_tok):
+    """``offline`` with ``cross_tokenizer``: the cache is indexed by the student's data blocks, and
+    each aligned student position holds the teacher's top-k at its byte-aligned teacher position."""
+    import json
+
+    from compress.losses import teacher_topk
+
+    k = 16
+    x = torch.tensor(student_tok(TEXT, add_special_tokens=False)["input_ids"][:120]).reshape(3, 40)
+    stage = {"kind": "distill", "top_k": k, "temperature": 2.0, "offline": {"shard_blocks": 2},
+             "cross_tokenizer": {"method": "uld"}}
+    m, _, ctx = _offline_pair(tmp_path, student_tok, teacher_tok, stage, x)
+    cache = m.teachers[0][2]
+    meta = json.loads((tmp_path / "stage/teacher_topk/manifest.json").read_text())
+    assert cache.positions == meta["positions"] == "student" and sorted(cache.where) == [0, 1, 2]
+    ids, lp = cache.get(torch.tensor([2, 0, 1]), "cpu")
+    assert ids.shape == lp.shape == (3, 40, k)
+    al = align_batch(x[[2, 0, 1]], student_tok, teacher_tok)
+    want_ids, want_lp = teacher_topk(ctx.teacher.logits(al["teacher_ids"]), k, 2.0)
+    keep = al["pair_mask"]
+    assert 0.5 < keep.float().mean() < 1  # real text, two tokenizers: most positions pair, not all
+    b = torch.arange(3)[:, None].expand_as(keep)[keep]
+    s, t = al["s_pos"][keep], al["t_pos"][keep]
+    want_ids, order = want_ids[b, t].sort(-1)
+    want_lp = want_lp[b, t].gather(-1, order)
+    step = (want_lp.amax(-1) - want_lp.amin(-1)) / 255
+    assert torch.equal(ids[b, s], want_ids)
+    assert ((lp[b, s] - want_lp).abs() <= step[:, None] + 1e-5).all()
+    assert meta["tokens"] == int(keep.sum()) and 0 < meta["recon_kl"] < 1e-3  # counted on the paired rows
+
+
+def test_offline_uld_across_tokenizers_matches_the_online_loss(tmp_path, student_tok, teacher_tok):
+    """The offline cross-tokenizer loss equals online ULD over the top k (the same pairs and rows),
+    up to the codec's rounding; chunked equals unchunked; the teacher is not run in training."""
+    k = 16
+    x = torch.tensor(student_tok(TEXT, add_special_tokens=False)["input_ids"][:120]).reshape(3, 40)
+    batch = {"input_ids": x[[1, 2]], "labels": torch.roll(x[[1, 2]], -1, 1), "index": torch.tensor([1, 2]),
+             "step": 0, "micro": 0}
+    xt = {"method": "uld"}
+    online, om, _ = _offline_pair(tmp_path / "on", student_tok, teacher_tok,
+                                  {"kind": "distill", "temperature": 2.0, "cross_tokenizer": {**xt, "top_k": k}}, x)
+    want = online.loss(om, batch)[0]
+    losses = []
+    for chunk in (None, 7):
+        m, module, ctx = _offline_pair(tmp_path / f"off{chunk}", student_tok, teacher_tok,
+                                       {"kind": "distill", "temperature": 2.0, "top_k": k, "offline": {},
+                                        "cross_tokenizer": xt}, x, chunk=chunk)
+        ctx.teacher.module = None  # training reads the cache only
+        losses.append(m.loss(module, batch)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], want, rtol=2e-4, atol=0)  # measured 1.2e-5: 8-bit log-prob codes
+
+
 def test_a_draft_with_its_own_tokenizer_is_served_exactly_and_its_passes_counted(teacher_tok, student_tok):
     """transformers' universal assisted generation behind our serving loop: the output equals the
     target's greedy one, and target tokens per verification pass is k + 1 for a draft that is the
@@ -600,3 +705,28 @@ def test_cross_tokenizer_run_trains_and_exports_the_students_tokenizer(tiny_teac
     assert res["student"]["bpb_ratio"] == pytest.approx(ev["student"]["bpb_ratio"], rel=1e-4)
     assert res["speculative"][0]["exact_match"] and "speculative_skipped" not in res
     assert main([*base, "--gate", "top1_min=0.5"]) == 2  # a token-level gate across tokenizers: refused
+
+
+@pytest.mark.slow
+def test_offline_cross_tokenizer_run_equals_the_online_one(tiny_teacher, tmp_path):
+    """A real run whose teacher speaks SmolLM2 and student Mistral, with the teacher's top-k written
+    to disk first: the same losses as online ULD over the top k, step for step."""
+    import json
+
+    from compress.tracking import read_metrics
+    from tests.tiny import launch, write_recipe
+
+    def run(name, stage):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_teacher, tmp_path / name, train={"max_steps": 4},
+                              student={"init": "drop_layers", "keep_every": 2, "tokenizer": "mistral-7b-v0.1"},
+                              stages=[{"kind": "distill", "temperature": 2.0, **stage}])
+        p = launch(recipe)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return [r["kd"] for r in read_metrics(tmp_path / name) if "kd" in r]
+
+    online = run("online", {"cross_tokenizer": {"method": "uld", "top_k": 16}})
+    offline = run("offline", {"top_k": 16, "offline": {"shard_blocks": 4}, "cross_tokenizer": {"method": "uld"}})
+    assert len(offline) == 4
+    torch.testing.assert_close(torch.tensor(offline), torch.tensor(online), rtol=2e-3, atol=1e-5)
+    manifest = json.loads((tmp_path / "offline/stages/0-distill/teacher_topk/manifest.json").read_text())
+    assert manifest["positions"] == "student" and 0 < manifest["recon_kl"] < 1e-3

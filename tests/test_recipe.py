@@ -88,6 +88,14 @@ BAD = {
                                          "leaves nothing to sample"),
     "chunked loss under ZeRO-3": (dict(train={"zero_stage": 3}, stages=[{"kind": "distill", "chunk_tokens": 64}]),
                                   "use train.zero_stage <= 2"),
+    "offline GOLD across tokenizers": (dict(stages=[{"kind": "distill", "top_k": 8, "offline": {},
+                                                     "cross_tokenizer": {"method": "gold"}}]), "use cross_tokenizer.method: uld"),
+    "offline ULD with its own top_k": (dict(stages=[{"kind": "distill", "top_k": 8, "offline": {},
+                                                     "cross_tokenizer": {"top_k": 4}}]), "drop cross_tokenizer.top_k"),
+    "top_k across tokenizers without offline": (dict(stages=[{"kind": "distill", "top_k": 8, "cross_tokenizer": {}}]),
+                                                "set cross_tokenizer.top_k instead"),
+    "hidden MSE across tokenizers": (dict(stages=[{"kind": "distill", "hidden_weight": 1.0, "cross_tokenizer": {}}]),
+                                     "set hidden_weight=0"),
     "extra teacher missing": (dict(extra_teachers=[{"source": "/nonexistent/model"}]), "not found"),
 }
 

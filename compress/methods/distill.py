@@ -29,11 +29,15 @@ the same, and every rank makes the same choice (a ZeRO-3 student samples in lock
 ``cross_tokenizer``: each student block is decoded and re-tokenized by the teacher
 (``compress.cross_tokenizer.align_batch``); the loss compares the two models' next-token
 distributions at the positions where a student and a teacher token end at the same byte, with ULD
-(Boizard et al. 2024) or GOLD-style exact matching of the shared ids plus ULD on the rest.
+(Boizard et al. 2024) or GOLD-style exact matching of the shared ids plus ULD on the rest. With
+``offline`` (ULD only), the teacher's top-k is written once at the student positions it aligns with,
+and ULD compares the k largest probabilities each side plus the mass beyond
+(``compress.cross_tokenizer.uld_loss_topk``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -117,11 +121,19 @@ class DistillStage(StageConfig):
             raise ValueError("offline KD stores no teacher hidden states: set hidden_weight=0")
         if self.on_policy is not None and self.offline is not None:
             raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
-        if self.cross_tokenizer is not None:
-            other = [k for k, v in (("offline", self.offline), ("top_k", self.top_k)) if v is not None]
-            if other or self.hidden_weight > 0:
-                raise ValueError(f"cross_tokenizer aligns two tokenizations and cannot be combined with "
-                                 f"{other or ['hidden_weight']} yet; drop those")
+        if (xt := self.cross_tokenizer) is not None:
+            if self.hidden_weight > 0:
+                raise ValueError("cross_tokenizer aligns two tokenizations and cannot be combined with hidden_weight "
+                                 "yet; set hidden_weight=0")
+            if self.top_k is not None and self.offline is None:
+                raise ValueError("with cross_tokenizer, top_k only sets an offline cache's k; for ULD over the k "
+                                 "largest probabilities set cross_tokenizer.top_k instead")
+            if self.offline is not None and xt.method != "uld":
+                raise ValueError("offline KD stores the teacher's top-k only, and GOLD's exact match needs its whole "
+                                 "distribution over the shared ids: use cross_tokenizer.method: uld with offline")
+            if self.offline is not None and xt.top_k is not None:
+                raise ValueError("offline ULD compares the cache's top_k probabilities each side; drop "
+                                 "cross_tokenizer.top_k (distill.top_k sets k)")
         if self.cross_tokenizer is not None and self.on_policy is not None and self.on_policy.source == "teacher":
             raise ValueError("on_policy.source: teacher samples in the teacher's vocabulary; with cross_tokenizer use "
                              "source: student")
@@ -227,12 +239,19 @@ class Distill(StageMethod):
         blocks = torch.cat([sample_indices(seed, s, len(ctx.data.train), gb) for s in range(steps)]).tolist()
         root = Path(self.cfg.offline.dir) if self.cfg.offline.dir else stage_dir / "teacher_topk"
         sources = [ctx.recipe.teacher.source] + [t.source for t in ctx.recipe.extra_teachers]
+        align, key = None, [ctx.data.key]
+        if self.cfg.cross_tokenizer is not None:  # the teacher's rows at the student's positions
+            from compress.cross_tokenizer import align_batch
+
+            align = functools.partial(align_batch, student_tok=ctx.tokenizer,
+                                      teacher_tok=ctx.teacher_tokenizer or ctx.tokenizer)
+            key.append(ctx.recipe.student.tokenizer)
         for i, entry in enumerate(self.teachers):
             entry[2] = precompute(
                 entry[1], ctx.data, blocks, root if i == 0 else root / f"teacher{i}", k=self.cfg.top_k,
-                temperature=self.cfg.temperature, key_parts=[sources[i], ctx.data.key],
+                temperature=self.cfg.temperature, key_parts=[sources[i], *key],
                 shard_blocks=self.cfg.offline.shard_blocks, batch_size=tr.micro_batch_size, rank=ctx.rank,
-                world=ctx.world, barrier=ctx.barrier, device=ctx.device,
+                world=ctx.world, barrier=ctx.barrier, device=ctx.device, align=align,
             )
 
     # --- on-policy batches ---
@@ -258,7 +277,7 @@ class Distill(StageMethod):
 
     def _cross_tokenizer_loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """ULD / GOLD on the positions where student and teacher tokens end at the same byte."""
-        from compress.cross_tokenizer import align_batch, aligned_logits, gold_loss, uld_loss, vocab_overlap
+        from compress.cross_tokenizer import align_batch, aligned_logits, gold_loss, uld_loss, uld_loss_topk, vocab_overlap
 
         cfg, ctx, x = self.cfg, self.ctx, batch["input_ids"]
         s_tok, t_tok = ctx.tokenizer, ctx.teacher_tokenizer or ctx.tokenizer
@@ -274,7 +293,9 @@ class Distill(StageMethod):
             al["pair_mask"] &= sampled[1][rows, al["s_pos"]]
         xt = cfg.cross_tokenizer
 
-        def pair_loss(zs, zt):
+        def pair_loss(zs, zt, cached=False):  # zt: the teacher's logits, or its cached top-k log-probs
+            if cached:
+                return uld_loss_topk(zs, zt, temperature=cfg.temperature) * cfg.temperature**2
             if xt.method == "uld":
                 return uld_loss(zs, zt, temperature=cfg.temperature, top_k=xt.top_k) * cfg.temperature**2
             return gold_loss(zs, zt, self.overlap, temperature=cfg.temperature, top_k=xt.top_k) * cfg.temperature**2
@@ -283,14 +304,19 @@ class Distill(StageMethod):
         logs = {"aligned_fraction": al["pair_mask"].sum().float().detach() / x.numel()}
         if cfg.on_policy is not None:
             logs["on_policy"] = torch.tensor(float(sampled is not None))
+        # an offline cache holds each teacher's rows at the student's positions: (B, T, k) log-probs
+        cached = [None if c is None else c.get(batch["index"], x.device)[1] for _, _, c in self.teachers]
         if cfg.chunk_tokens is not None:
-            total, out, parts = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss)
+            total, out, parts = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss, cached)
             return with_model_losses(total, logs | {k: v for k, v in zip(names + ["ce"], parts) if v is not None},
                                      out, module)
         out = module(input_ids=x)
         total = 0.0
-        for name, (weight, teacher, _) in zip(names, self.teachers):
-            term = pair_loss(*aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al))
+        for name, (weight, teacher, _), lp in zip(names, self.teachers, cached):
+            if lp is None:
+                term = pair_loss(*aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al))
+            else:
+                term = pair_loss(*aligned_logits(out.logits, lp, {**al, "t_pos": al["s_pos"]}), cached=True)
             logs[name] = term.detach()
             total = total + weight * term
         if cfg.ce_weight > 0:
@@ -299,17 +325,31 @@ class Distill(StageMethod):
             logs["ce"] = ce.detach()
         return with_model_losses(total, logs, out, module)
 
-    def _cross_tokenizer_chunked(self, module: nn.Module, x: torch.Tensor, labels: torch.Tensor, al: dict, pair_loss):
+    def _cross_tokenizer_chunked(self, module: nn.Module, x: torch.Tensor, labels: torch.Tensor, al: dict, pair_loss,
+                                 cached: list):
         """The cross-tokenizer loss chunk by chunk over the student's flattened tokens: each chunk's
         aligned pairs get their teacher logits from the teachers' final hidden states (rows t_pos),
-        so neither side's (tokens × vocabulary) logits exist whole. Equals the unchunked loss."""
+        or their cached top-k (rows s_pos), so neither side's (tokens × vocabulary) logits exist
+        whole. Equals the unchunked loss."""
         cfg, student = self.cfg, _inner(module).student
         keep = al["pair_mask"]
         b = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(al["s_pos"])
         flat_s = (b * x.shape[1] + al["s_pos"])[keep]  # increasing: rows in order, positions in order
         flat_t = (b * al["teacher_ids"].shape[1] + al["t_pos"])[keep]
         n_pairs = max(int(flat_s.numel()), 1)
-        teachers = [(w, t.final_hidden(al["teacher_ids"])[1].flatten(0, 1), t.head, t.config) for w, t, _ in self.teachers]
+
+        def rows_of(teacher, lp):  # pairs lo:hi -> (teacher rows, cached?)
+            if lp is not None:
+                lp = lp.flatten(0, 1)
+                return lambda lo, hi: (lp[flat_s[lo:hi]], True)
+            hidden, head, config = teacher.final_hidden(al["teacher_ids"])[1].flatten(0, 1), teacher.head, teacher.config
+
+            def rows(lo, hi):
+                with torch.no_grad():
+                    return softcapped(head(hidden[flat_t[lo:hi]]), config), False
+            return rows
+
+        teachers = [(w, rows_of(t, lp)) for (w, t, _), lp in zip(self.teachers, cached)]
         flat_labels = labels.flatten()
         n_labels = (flat_labels != -100).sum().clamp_min(1)
         sums = [torch.zeros((), device=x.device) for _ in range(len(teachers) + 1)]
@@ -320,10 +360,8 @@ class Distill(StageMethod):
             value = logits.sum() * 0  # a chunk with no pairs (and no CE) still returns a graph
             if hi > lo:
                 zs = logits[flat_s[lo:hi] - rows.start]
-                for i, (weight, hidden, head, config) in enumerate(teachers):
-                    with torch.no_grad():
-                        zt = softcapped(head(hidden[flat_t[lo:hi]]), config)
-                    term = pair_loss(zs, zt) * ((hi - lo) / n_pairs)
+                for i, (weight, rows_at) in enumerate(teachers):
+                    term = pair_loss(zs, *rows_at(lo, hi)) * ((hi - lo) / n_pairs)
                     sums[i] += term.detach()
                     value = value + weight * term
             if cfg.ce_weight > 0:
