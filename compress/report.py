@@ -3,7 +3,9 @@
     write_report(out_dir, results=eval_results, metrics=read_metrics(out_dir), summary=summary)
 
 Plots: training loss per stage (from metrics.jsonl), quality vs size for every model evaluated
-(ppl ratio and MMLU against bytes), and speculative acceptance rate and speedup against k.
+(ppl ratio and MMLU against bytes), speculative acceptance rate and speedup against k, and for an
+upcycled MoE (``final/expert_utilization.json``) each layer's share of routings per expert, at
+init and after training.
 """
 
 from __future__ import annotations
@@ -81,6 +83,56 @@ def plot_speculative(spec: list[dict], path: Path) -> bool:
     ax.set_xlabel("draft tokens per round (k)")
     ax.legend()
     return _save(fig, path)
+
+
+def plot_expert_utilization(experts: dict | None, path: Path) -> bool:
+    """Heatmaps, layers x experts, of the share of (token, slot) routings each expert takes: at
+    init and after training, on one colour scale centred on the even share 1/E."""
+    if not experts or not experts.get("utilization"):
+        return False
+    panels = [(name, experts[key]) for name, key in (("at init", "utilization_at_init"), ("after training", "utilization"))
+              if experts.get(key)]
+    plt = _plt()
+    from matplotlib.colors import TwoSlopeNorm
+
+    n_layers, n_experts = len(panels[0][1]), len(panels[0][1][0])
+    even = 1 / n_experts
+    top = max(max(max(row) for row in util) for _, util in panels)
+    norm = TwoSlopeNorm(vcenter=even, vmin=0.0, vmax=max(top, even * 1.01))
+    width = 1.5 + len(panels) * (1.2 + 0.35 * n_experts)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, max(2.8, 1.2 + 0.15 * n_layers)), squeeze=False,
+                             layout="constrained")
+    for ax, (name, util) in zip(axes[0], panels):
+        im = ax.imshow(util, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(n_experts))
+        ax.set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes[0]), label=f"share of routings (even = {even:.3g})")
+    fig.savefig(path, dpi=110)  # constrained layout, not _save's tight_layout: it fights the shared colour bar
+    plt.close(fig)
+    return True
+
+
+def expert_section(experts: dict | None) -> list[str]:
+    """Total vs active parameters and how evenly each layer routes, at init and after training."""
+    if not experts or not experts.get("utilization"):
+        return []
+    rows = []
+    for name, key in (("at init", "utilization_at_init"), ("after training", "utilization")):
+        util = experts.get(key)
+        if util:
+            even = 1 / len(util[0])
+            worst = max(max(row) for row in util)
+            rows.append({"when": name, "busiest expert / even share": worst / even,
+                         "idlest expert / even share": min(min(row) for row in util) / even,
+                         "layers with an expert under half its share": sum(min(row) < even / 2 for row in util)})
+    params = experts.get("params", {})
+    lines = ["## Experts (upcycled MoE)", ""]
+    if params:
+        lines += [f"- non-embedding parameters: {params['total']:,} total, {params['active']:,} active per token "
+                  f"({params['active'] / params['total']:.0%})", ""]
+    return lines + [format_table(rows, list(rows[0])), ""]
 
 
 def _quality_models(results: dict | None, summary: dict | None) -> list[dict]:
@@ -162,8 +214,14 @@ def transform_sections(stages: list[dict]) -> list[str]:
 
 
 def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: list[dict] = (),
-                 summary: dict | None = None, logger=None) -> Path:
+                 summary: dict | None = None, logger=None, experts: dict | None = None) -> Path:
+    """``experts``: an upcycled MoE's ``final/expert_utilization.json`` (read from ``out_dir`` when not given)."""
     out = Path(out_dir)
+    util_file = out / "final" / "expert_utilization.json"
+    if experts is None and util_file.is_file():
+        import json
+
+        experts = json.loads(util_file.read_text())
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     lines = [f"# Compression report: {out.name}", ""]
@@ -172,11 +230,13 @@ def write_report(out_dir: str | Path, *, results: dict | None = None, metrics: l
                                                                 "ppl_ratio", "top1_agreement", "kl"]), ""]
     if summary:
         lines += transform_sections(summary.get("stages", []))
+    lines += expert_section(experts)
     if results:
         lines += [eval_tables(results), ""]
     plots = {"loss": plot_loss(list(metrics), figs / "loss.png"),
              "quality_vs_size": plot_quality_vs_size(_quality_models(results, summary), figs / "quality_vs_size.png"),
-             "speculative": plot_speculative(results["speculative"] if results else [], figs / "speculative.png")}
+             "speculative": plot_speculative(results["speculative"] if results else [], figs / "speculative.png"),
+             "expert_utilization": plot_expert_utilization(experts, figs / "expert_utilization.png")}
     for name, made in plots.items():
         if made:
             lines += [f"![{name}](figures/{name}.png)", ""]

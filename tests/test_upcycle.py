@@ -136,6 +136,10 @@ def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(ti
     assert after["kl"] < 1e-3  # the upcycled model starts (nearly: the noise) where the dense one was
     util = json.loads((out / "final/expert_utilization.json").read_text())
     assert len(util["utilization"]) == 4 and len(util["utilization_at_init"]) == 4
+    report = (out / "report.md").read_text()  # the report shows the histograms and the balance
+    assert "## Experts (upcycled MoE)" in report and "![expert_utilization](figures/expert_utilization.png)" in report
+    assert (out / "figures/expert_utilization.png").stat().st_size > 1000
+    assert f"{util['params']['total']:,} total" in report
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("load_balance" in r and "router_z" in r for r in metrics), "the router losses were not trained"
     assert any(r.get("expert_dropped", 0) > 0 for r in metrics)  # capacity 1.0 drops some routings while training
@@ -144,6 +148,21 @@ def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(ti
     again = launch(recipe)  # a finished run: the transform is not redone, the router state stays
     assert again.returncode == 0 and "already finished" in again.stdout
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out / "final").model.layers[0].mlp.gate.weight, router0)
+
+
+def test_expert_section_reports_each_phase_balance_against_the_even_share(tmp_path):
+    from compress.report import expert_section, plot_expert_utilization
+
+    payload = {"params": {"total": 400, "active": 100},
+               "utilization_at_init": [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]],
+               "utilization": [[0.55, 0.25, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]}
+    text = "\n".join(expert_section(payload))
+    assert "400 total, 100 active per token (25%)" in text
+    init, after = [line for line in text.splitlines() if line.startswith("| at init") or line.startswith("| after")]
+    assert [c.strip() for c in init.split("|")[2:5]] == ["1", "1", "0"]
+    assert [c.strip() for c in after.split("|")[2:5]] == ["2.2", "0.4", "1"]  # 0.55/0.25, 0.1/0.25, one layer < 1/8
+    assert plot_expert_utilization(payload, tmp_path / "u.png") and (tmp_path / "u.png").stat().st_size > 1000
+    assert expert_section({"utilization": []}) == [] and not plot_expert_utilization(None, tmp_path / "v.png")
 
 
 @pytest.mark.parametrize("stage,message", [
