@@ -11,6 +11,10 @@ tokens for its teacher on held-out prompts, greedy, output checked equal to the 
 perplexity ratio, KL and top-1 agreement with the teacher, and draft acceptance at k = 4
 (DistillSpec, Zhou et al. 2024: KD-trained drafts accept more). Goal (issue 18): the on-policy
 student accepts more than the off-policy one and the CE one, beyond the seed spread.
+
+The `*_24l` arms start from a stronger student instead: the teacher with its 6 least important
+layers removed by a `prune` stage (calibration KL), so the student's own samples are fluent text
+from the first step, as GKD's supervised students' are.
 """
 
 import argparse
@@ -28,6 +32,10 @@ EVAL = f"{{kind: eval, tasks: [], speculative: {{ks: [{K}], prompts: 8, prompt_t
 STUDENT = "{init: drop_layers, keep_every: 2}"
 TRAIN = ["train.max_steps=60", "train.micro_batch_size=4"]
 ON_POLICY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 1.0}"
+PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
+# each on-policy arm against the arms that start from the same student
+RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
+          "kd_then_on_policy_cool": ("kd", "ce", "on_policy", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -42,6 +50,12 @@ ARMS = {
     # the control for the arm above: the same two 30-step stages (each re-warms the learning rate), both KD
     "kd_two_stages": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                f"loss: forward_kl, max_steps: 30}}, {EVAL}]", TRAIN),
+    # a stronger student: the teacher with its 6 least important layers cut (calibration KL; `prune`),
+    # whose own samples are text from the start, as GKD's supervised students are
+    "ce_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: finetune}}, {EVAL}]", TRAIN),
+    "kd_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
+    "on_policy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {ON_POLICY}}}, "
+                                         f"{EVAL}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
@@ -72,17 +86,18 @@ def main() -> int:
 
         earlier = {a: st for a, st in json.loads(Path(args.baseline).read_text())["summary"].items() if a not in stats}
     verdict = {}
-    for mine in ("on_policy", "kd_then_on_policy", "kd_then_on_policy_cool"):
-        for other in ("kd", "ce", "seq_kd", "on_policy", "kd_two_stages"):
+    for mine, rivals in RIVALS.items():
+        for other in rivals:
             theirs = stats.get(other) or earlier.get(other)
-            if mine in stats and other != mine and theirs is not None:
+            if mine in stats and theirs is not None:
                 tag = "" if other in stats else f" (from {args.baseline})"
                 verdict[f"{mine} accepts more drafts (k={K}) than {other}{tag}"] = \
                     f"{compare(stats[mine]['acceptance'], theirs['acceptance'], 'higher')} " \
                     f"({stats[mine]['acceptance']['mean']:.3f} vs {theirs['acceptance']['mean']:.3f})"
     for a in stats:
-        if a != "ce" and "ce" in stats:
-            verdict[f"{a} vs ce, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats["ce"]["ppl_ratio"], "lower")
+        ce = "ce_24l" if a.endswith("_24l") else "ce"
+        if a != ce and ce in stats:
+            verdict[f"{a} vs {ce}, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats[ce]["ppl_ratio"], "lower")
     notes = (f"60 steps x 4 x 128 tokens per run. Mean ± sample std over seeds. acceptance: drafted tokens the "
              f"teacher kept at k = {K}, greedy, 8 held-out prompts of 32 tokens, 48 new tokens each.")
     columns = {"acceptance (k=4)": "acceptance_pm", "s/run": "seconds_pm"}
@@ -92,7 +107,10 @@ def main() -> int:
         st["acceptance_pm"], st["seconds_pm"] = pm(st["acceptance"], ".3f"), pm(st["seconds"], ".0f")
     teacher = {"arm": "teacher", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1"}
     shown = {**{f"{a} (earlier sweep)": st for a, st in earlier.items()}, **stats}
-    md = arms_markdown("On-policy KD (GKD) vs KD vs CE, SmolLM2-135M-Instruct → 16-layer student, held-out Python docs",
+    students = sorted({"24-layer (pruned by calibration KL)" if a.endswith("_24l") else "16-layer (drop_layers)"
+                       for a in stats})
+    md = arms_markdown(f"On-policy KD (GKD) vs KD vs CE, SmolLM2-135M-Instruct → {' and '.join(students)} student, "
+                       "held-out Python docs",
                        "on_policy.py", args, shown, METRICS, verdict, wall, results, notes, columns, teacher)
     if earlier:
         md += f"\nRows marked (earlier sweep) come from {args.baseline}: same recipe, seeds and budget, run before.\n"
