@@ -108,6 +108,9 @@ def plot_expert_utilization(experts: dict | None, path: Path) -> bool:
         ax.set_xlabel("expert")
         ax.set_xticks(range(n_experts))
         ax.set_ylabel("layer")
+        layers = experts.get("moe_layers")  # some layers upcycled: label the rows with their indices
+        if layers and layers != list(range(n_layers)) and n_layers <= 32:
+            ax.set_yticks(range(n_layers), [str(l) for l in layers])
     fig.colorbar(im, ax=list(axes[0]), label=f"share of routings (even = {even:.3g})")
     fig.savefig(path, dpi=110)  # constrained layout, not _save's tight_layout: it fights the shared colour bar
     plt.close(fig)

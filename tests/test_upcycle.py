@@ -7,25 +7,30 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from compress.upcycle import moe_config, param_counts, router_losses, upcycled_state, utilization
+from compress.upcycle import moe_config, moe_layers, param_counts, router_losses, upcycled_state, utilization
 from tests.tiny import launch, write_recipe
 
 
-def tiny():
+def tiny(layers=2):
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 
 
-def upcycled(dense, experts, top_k, init, **kw):
-    cfg = moe_config(dense.config, experts, top_k, init, 0.01, 0.001)
-    moe = MixtralForCausalLM(cfg).eval()
-    missing, unexpected = moe.load_state_dict(upcycled_state(dense.state_dict(), dense.config, experts, init, **kw),
-                                              strict=False)
+def upcycled(dense, experts, top_k, init, layers=None, shared_expert=False, **kw):
+    cfg = moe_config(dense.config, experts, top_k, init, 0.01, 0.001, layers, shared_expert)
+    moe = AutoModelForCausalLM.from_config(cfg).eval()
+    state = upcycled_state(dense.state_dict(), dense.config, experts, init, layers=moe_layers(cfg),
+                           shared_expert=None if cfg.model_type == "mixtral" else shared_expert, **kw)
+    missing, unexpected = moe.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return moe
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
 @pytest.mark.parametrize("experts,top_k,init", [(4, 2, "copy"), (4, 1, "copy"), (4, 4, "split"), (2, 2, "split")])
@@ -37,9 +42,37 @@ def test_upcycled_model_equals_the_dense_one_at_init(experts, top_k, init):
         out = moe(input_ids=ids)
         torch.testing.assert_close(out.logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert len(out.router_logits) == 2 and out.aux_loss is not None
+    assert type(moe).__name__ == "MixtralForCausalLM"
     counts = param_counts(moe.config)
-    if init == "copy":
-        assert counts["total"] > counts["active"] or top_k == experts
+    assert counts["total"] == non_embedding_params(moe)
+    assert counts["total"] > counts["active"] or top_k == experts
+
+
+@pytest.mark.parametrize("layers,shared,init,top_k", [([1], False, "copy", 2), ([0, 2], True, "copy", 1),
+                                                      (None, True, "split", 4), ([2], True, "copy", 4)])
+def test_chosen_layers_or_a_shared_expert_give_a_stock_qwen2_moe_equal_to_the_dense_model(tmp_path, layers, shared,
+                                                                                          init, top_k):
+    """Upcycling some layers (the rest keep their MLP) or adding a shared expert: a stock
+    Qwen2MoeForCausalLM, exact at init, whose parameter count is what param_counts says, and which
+    round-trips through save_pretrained / AutoModelForCausalLM (a width-0 shared expert included)."""
+    dense = tiny(layers=3)
+    moe = upcycled(dense, 4, top_k, init, layers=layers, shared_expert=shared, noise=0.0)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    sparse = moe_layers(moe.config)
+    assert sparse == (layers or [0, 1, 2])
+    assert [type(l.mlp).__name__ for l in moe.model.layers] == [
+        "Qwen2MoeSparseMoeBlock" if i in sparse else "Qwen2MoeMLP" for i in range(3)]
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = moe(input_ids=ids)
+        torch.testing.assert_close(out.logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(out.router_logits) == len(sparse) and len(utilization(moe, ids)) == len(sparse)
+    counts = param_counts(moe.config)
+    assert counts["total"] == non_embedding_params(moe) and counts["active"] <= counts["total"]
+    moe.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, out.logits)
 
 
 def test_noise_breaks_the_symmetry_and_split_with_fewer_active_experts_differs():
@@ -150,6 +183,32 @@ def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(ti
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out / "final").model.layers[0].mlp.gate.weight, router0)
 
 
+def test_upcycling_chosen_layers_with_a_shared_expert_exports_a_qwen2_moe(tiny_teacher, tmp_path):
+    """A real run: layers 1 and 2 of 4 upcycled with a shared expert and a capacity cap, trained
+    with KD; the export is a stock Qwen2-MoE (dense layers 0 and 3, stock routers) that transformers
+    loads alone, and the utilization covers the two MoE layers."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
+                          stages=[{"kind": "upcycle", "experts": 4, "top_k": 2, "noise": 0.01, "calibration_blocks": 4,
+                                   "layers": [1, 2], "shared_expert": True, "capacity_factor": 1.0},
+                                  {"kind": "distill", "max_steps": 3}])
+    p = launch(recipe)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(final).__name__ == "Qwen2MoeForCausalLM" and final.config.mlp_only_layers == [0, 3]
+    assert [type(l.mlp).__name__ for l in final.model.layers] == ["Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock",
+                                                                 "Qwen2MoeSparseMoeBlock", "Qwen2MoeMLP"]
+    assert type(final.model.layers[1].mlp.gate).__name__ == "Qwen2MoeTopKRouter"  # the capacity router exported stock
+    assert final.model.layers[1].mlp.shared_expert.down_proj.weight.shape == (64, 128)
+    after = next(r for r in json.loads((out / "summary.json").read_text())["table"] if r["model"].startswith("after 0"))
+    assert after["kl"] < 1e-3  # starts (nearly: the noise) where the dense model was
+    util = json.loads((out / "final/expert_utilization.json").read_text())
+    assert util["moe_layers"] == [1, 2] and len(util["utilization"]) == len(util["utilization_at_init"]) == 2
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("expert_dropped", 0) > 0 for r in metrics) and any("load_balance" in r for r in metrics)
+    assert "moe/layer2_expert3" in {k for r in metrics for k in r}
+
+
 def test_expert_section_reports_each_phase_balance_against_the_even_share(tmp_path):
     from compress.report import expert_section, plot_expert_utilization
 
@@ -169,6 +228,8 @@ def test_expert_section_reports_each_phase_balance_against_the_even_share(tmp_pa
     ({"kind": "upcycle", "experts": 2, "top_k": 3}, "top_k 3 is more than the 2 experts"),
     ({"kind": "upcycle", "experts": 0}, "experts"),
     ({"kind": "upcycle", "experts": 3, "init": "split"}, "does not divide them"),
+    ({"kind": "upcycle", "layers": [1, 7]}, "upcycle.layers has [7] but the model has 4 layers"),
+    ({"kind": "upcycle", "layers": [1, 1]}, "lists a layer twice"),
 ])
 def test_bad_upcycle_input_fails_in_one_line_before_any_weights_load(tiny_teacher, tmp_path, stage, message):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
