@@ -630,6 +630,56 @@ def test_offline_uld_across_tokenizers_matches_the_online_loss(tmp_path, student
     torch.testing.assert_close(losses[0], want, rtol=2e-4, atol=0)  # measured 1.2e-5: 8-bit log-prob codes
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_hidden_mse_across_tokenizers_compares_the_byte_aligned_positions(tmp_path, student_tok, teacher_tok, chunk):
+    """``hidden_weight`` with ``cross_tokenizer``: the MSE between the student's hidden state at each
+    aligned student position (through the learned projection: widths 24 vs 16 here) and the
+    teacher's at the teacher position ending at the same byte, over the aligned pairs only; the
+    chunked loss gives the same value and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.methods.distill import Distill
+    from compress.recipe import load_recipe
+    from compress.stages import RunContext
+    from compress.teacher import Teacher
+    from tests.tiny import write_recipe
+
+    def llama(seed, vocab, width):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
+                                            tie_word_embeddings=True, max_position_embeddings=256))
+
+    x = torch.tensor(student_tok(TEXT, add_special_tokens=False)["input_ids"][:120]).reshape(3, 40)
+    batch = {"input_ids": x, "labels": torch.roll(x, -1, 1), "index": torch.arange(3), "step": 0, "micro": 0}
+    stage = {"kind": "distill", "kd_weight": 0.0, "hidden_weight": 1.0, "cross_tokenizer": {"method": "uld"},
+             **({"chunk_tokens": chunk} if chunk else {})}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out", stages=[stage],
+                                      student={"init": "drop_layers", "tokenizer": "mistral-7b-v0.1"}))
+    teacher = llama(1, len(teacher_tok), 16)
+    ctx = RunContext(recipe=recipe, output_dir=tmp_path, tokenizer=student_tok, data=None, logger=None,
+                     device=torch.device("cpu"), teacher=Teacher(teacher), extra={"stage_seed": 7},
+                     teacher_tokenizer=teacher_tok)
+    m = Distill(recipe.stages[0], ctx)
+    module = m.wrap(llama(0, len(student_tok), 24))
+    loss, logs = m.loss(module, batch)
+    al = align_batch(x, student_tok, teacher_tok)
+    keep = al["pair_mask"]
+    b = torch.arange(3)[:, None].expand_as(keep)[keep]
+    hs = module.student(input_ids=x, output_hidden_states=True).hidden_states[-1][b, al["s_pos"][keep]]
+    with torch.no_grad():
+        ht = teacher(input_ids=al["teacher_ids"], output_hidden_states=True).hidden_states[-1][b, al["t_pos"][keep]]
+    want = (module.projections[0](hs) - ht).pow(2).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["hidden_mse"], want.detach(), rtol=1e-5, atol=1e-6)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for got, ref in zip(torch.autograd.grad(loss, params, allow_unused=True),
+                        torch.autograd.grad(want, params, allow_unused=True)):
+        assert (got is None) == (ref is None)
+        if got is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
 def test_a_draft_with_its_own_tokenizer_is_served_exactly_and_its_passes_counted(teacher_tok, student_tok):
     """transformers' universal assisted generation behind our serving loop: the output equals the
     target's greedy one, and target tokens per verification pass is k + 1 for a draft that is the

@@ -94,8 +94,6 @@ BAD = {
                                                      "cross_tokenizer": {"top_k": 4}}]), "drop cross_tokenizer.top_k"),
     "top_k across tokenizers without offline": (dict(stages=[{"kind": "distill", "top_k": 8, "cross_tokenizer": {}}]),
                                                 "set cross_tokenizer.top_k instead"),
-    "hidden MSE across tokenizers": (dict(stages=[{"kind": "distill", "hidden_weight": 1.0, "cross_tokenizer": {}}]),
-                                     "set hidden_weight=0"),
     "extra teacher missing": (dict(extra_teachers=[{"source": "/nonexistent/model"}]), "not found"),
 }
 

@@ -32,7 +32,7 @@ distributions at the positions where a student and a teacher token end at the sa
 (Boizard et al. 2024) or GOLD-style exact matching of the shared ids plus ULD on the rest. With
 ``offline`` (ULD only), the teacher's top-k is written once at the student positions it aligns with,
 and ULD compares the k largest probabilities each side plus the mass beyond
-(``compress.cross_tokenizer.uld_loss_topk``).
+(``compress.cross_tokenizer.uld_loss_topk``). ``hidden_weight`` compares hidden states at the aligned pairs.
 """
 
 from __future__ import annotations
@@ -122,9 +122,6 @@ class DistillStage(StageConfig):
         if self.on_policy is not None and self.offline is not None:
             raise ValueError("on_policy samples new text that the teacher must score as it trains; drop offline or on_policy")
         if (xt := self.cross_tokenizer) is not None:
-            if self.hidden_weight > 0:
-                raise ValueError("cross_tokenizer aligns two tokenizations and cannot be combined with hidden_weight "
-                                 "yet; set hidden_weight=0")
             if self.top_k is not None and self.offline is None:
                 raise ValueError("with cross_tokenizer, top_k only sets an offline cache's k; for ULD over the k "
                                  "largest probabilities set cross_tokenizer.top_k instead")
@@ -306,31 +303,43 @@ class Distill(StageMethod):
             logs["on_policy"] = torch.tensor(float(sampled is not None))
         # an offline cache holds each teacher's rows at the student's positions: (B, T, k) log-probs
         cached = [None if c is None else c.get(batch["index"], x.device)[1] for _, _, c in self.teachers]
+        want_hidden = cfg.hidden_weight > 0
         if cfg.chunk_tokens is not None:
-            total, out, parts = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss, cached)
-            return with_model_losses(total, logs | {k: v for k, v in zip(names + ["ce"], parts) if v is not None},
-                                     out, module)
-        out = module(input_ids=x)
-        total = 0.0
-        for name, (weight, teacher, _), lp in zip(names, self.teachers, cached):
-            if lp is None:
-                term = pair_loss(*aligned_logits(out.logits, teacher(al["teacher_ids"]).logits, al))
-            else:
-                term = pair_loss(*aligned_logits(out.logits, lp, {**al, "t_pos": al["s_pos"]}), cached=True)
-            logs[name] = term.detach()
-            total = total + weight * term
-        if cfg.ce_weight > 0:
-            ce = ce_loss(out.logits, batch["labels"])
-            total = total + cfg.ce_weight * ce
-            logs["ce"] = ce.detach()
+            total, out, parts, t_first = self._cross_tokenizer_chunked(module, x, batch["labels"], al, pair_loss, cached,
+                                                                       want_hidden)
+            logs |= {k: v for k, v in zip(names + ["ce"], parts) if v is not None}
+        else:
+            out = module(input_ids=x, output_hidden_states=want_hidden)
+            total, t_first = 0.0, None
+            for i, (name, (weight, teacher, _), lp) in enumerate(zip(names, self.teachers, cached)):
+                if lp is None:
+                    t_out = teacher(al["teacher_ids"], hidden=want_hidden and i == 0)
+                    t_first = t_out if i == 0 else t_first
+                    term = pair_loss(*aligned_logits(out.logits, t_out.logits, al))
+                else:
+                    term = pair_loss(*aligned_logits(out.logits, lp, {**al, "t_pos": al["s_pos"]}), cached=True)
+                logs[name] = term.detach()
+                total = total + weight * term
+            if cfg.ce_weight > 0:
+                ce = ce_loss(out.logits, batch["labels"])
+                total = total + cfg.ce_weight * ce
+                logs["ce"] = ce.detach()
+        if want_hidden:  # the two models' hidden states where their tokens end at the same byte
+            keep = al["pair_mask"]
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)[keep]
+            mse = self._hidden_mse(module, out.hidden_states, t_first.hidden_states,
+                                   pairs=((rows, al["s_pos"][keep]), (rows, al["t_pos"][keep])))
+            total = total + cfg.hidden_weight * mse
+            logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
 
     def _cross_tokenizer_chunked(self, module: nn.Module, x: torch.Tensor, labels: torch.Tensor, al: dict, pair_loss,
-                                 cached: list):
+                                 cached: list, want_hidden: bool = False):
         """The cross-tokenizer loss chunk by chunk over the student's flattened tokens: each chunk's
         aligned pairs get their teacher logits from the teachers' final hidden states (rows t_pos),
         or their cached top-k (rows s_pos), so neither side's (tokens × vocabulary) logits exist
-        whole. Equals the unchunked loss."""
+        whole. Equals the unchunked loss. Returns (loss, student output, per-term sums, the first
+        teacher's forward output, with its hidden states when ``want_hidden``)."""
         cfg, student = self.cfg, _inner(module).student
         keep = al["pair_mask"]
         b = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(al["s_pos"])
@@ -338,18 +347,23 @@ class Distill(StageMethod):
         flat_t = (b * al["teacher_ids"].shape[1] + al["t_pos"])[keep]
         n_pairs = max(int(flat_s.numel()), 1)
 
-        def rows_of(teacher, lp):  # pairs lo:hi -> (teacher rows, cached?)
+        t_first = None
+
+        def rows_of(i, teacher, lp):  # pairs lo:hi -> (teacher rows, cached?)
+            nonlocal t_first
             if lp is not None:
                 lp = lp.flatten(0, 1)
                 return lambda lo, hi: (lp[flat_s[lo:hi]], True)
-            hidden, head, config = teacher.final_hidden(al["teacher_ids"])[1].flatten(0, 1), teacher.head, teacher.config
+            t_out, hidden = teacher.final_hidden(al["teacher_ids"], hidden=want_hidden and i == 0)
+            t_first = t_out if i == 0 else t_first
+            hidden, head, config = hidden.flatten(0, 1), teacher.head, teacher.config
 
             def rows(lo, hi):
                 with torch.no_grad():
                     return softcapped(head(hidden[flat_t[lo:hi]]), config), False
             return rows
 
-        teachers = [(w, rows_of(t, lp)) for (w, t, _), lp in zip(self.teachers, cached)]
+        teachers = [(w, rows_of(i, t, lp)) for i, ((w, t, _), lp) in enumerate(zip(self.teachers, cached))]
         flat_labels = labels.flatten()
         n_labels = (flat_labels != -100).sum().clamp_min(1)
         sums = [torch.zeros((), device=x.device) for _ in range(len(teachers) + 1)]
@@ -371,9 +385,9 @@ class Distill(StageMethod):
             return value
 
         with head_input_captured(student) as box:
-            out = module(input_ids=x)
+            out = module(input_ids=x, output_hidden_states=want_hidden)
         total = chunked_head_loss(box["hidden"], student.get_output_embeddings(), fn, cfg.chunk_tokens)
-        return total, out, [*sums[:-1], sums[-1] if cfg.ce_weight > 0 else None]
+        return total, out, [*sums[:-1], sums[-1] if cfg.ce_weight > 0 else None], t_first
 
     def loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.cfg.cross_tokenizer is not None:
@@ -415,17 +429,26 @@ class Distill(StageMethod):
             total = self.terms(out.logits.flatten(0, 1), [(w, v(slice(None))) for w, v in views], **kw)
         logs.update(self.terms.parts)
         if want_hidden:
-            inner = _inner(module)
-            n_s, n_t = len(out.hidden_states) - 1, len(t_first.hidden_states) - 1
-            mse = sum(
-                hidden_mse(out.hidden_states[l + 1 if l >= 0 else n_s],
-                           t_first.hidden_states[teacher_layer(l, n_s, n_t, self.ctx.layer_map) + 1].to(out.hidden_states[0].dtype),
-                           proj=proj, mask=mask)
-                for l, proj in zip(cfg.hidden_layers, inner.projections)
-            ) / len(cfg.hidden_layers)
+            mse = self._hidden_mse(module, out.hidden_states, t_first.hidden_states, mask=mask)
             total = total + cfg.hidden_weight * mse
             logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
+
+    def _hidden_mse(self, module: nn.Module, s_states, t_states, mask=None, pairs=None) -> torch.Tensor:
+        """Hidden-state MSE, averaged over ``hidden_layers``: each student layer against its teacher
+        layer (``teacher_layer``), through the learned projections. ``pairs`` ((rows, s_pos), (rows,
+        t_pos)) compares only aligned positions, for a student with another tokenizer."""
+        proj_list = _inner(module).projections
+        n_s, n_t = len(s_states) - 1, len(t_states) - 1
+        terms = []
+        for l, proj in zip(self.cfg.hidden_layers, proj_list):
+            hs = s_states[l + 1 if l >= 0 else n_s]
+            ht = t_states[teacher_layer(l, n_s, n_t, self.ctx.layer_map) + 1].to(hs.dtype)
+            if pairs is not None:  # (1, pairs, D) each, every row counted (none: 0, still in the graph)
+                hs, ht = hs[pairs[0]][None], ht[pairs[1]][None]
+                mask = torch.ones(hs.shape[:2], dtype=torch.bool, device=hs.device)
+            terms.append(hidden_mse(hs, ht, proj=proj, mask=mask))
+        return sum(terms) / len(terms)
 
     def _liger_loss(self, hidden: torch.Tensor, student: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
         """KD through Liger-Kernel's fused linear JSD (Triton): student and teacher final hidden
