@@ -85,13 +85,16 @@ def plot_speculative(spec: list[dict], path: Path) -> bool:
     return _save(fig, path)
 
 
+# the phases an upcycled MoE's utilization is reported at: (label, key in expert_utilization.json)
+_PHASES = (("at init", "utilization_at_init"), ("after training", "utilization"))
+
+
 def plot_expert_utilization(experts: dict | None, path: Path) -> bool:
     """Heatmaps, layers x experts, of the share of (token, slot) routings each expert takes: at
     init and after training, on one colour scale centred on the even share 1/E."""
     if not experts or not experts.get("utilization"):
         return False
-    panels = [(name, experts[key]) for name, key in (("at init", "utilization_at_init"), ("after training", "utilization"))
-              if experts.get(key)]
+    panels = [(name, experts[key]) for name, key in _PHASES if experts.get(key)]
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
@@ -122,7 +125,7 @@ def expert_section(experts: dict | None) -> list[str]:
     if not experts or not experts.get("utilization"):
         return []
     rows = []
-    for name, key in (("at init", "utilization_at_init"), ("after training", "utilization")):
+    for name, key in _PHASES:
         util = experts.get(key)
         if util:
             even = 1 / len(util[0])

@@ -76,32 +76,24 @@ def moe_config(cfg, experts: int, top_k: int, init: str, aux_coef: float, z_coef
 
     from compress.models import head_dim
 
-    if shared_expert or (layers is not None and set(layers) != set(range(cfg.num_hidden_layers))):
-        every = list(range(cfg.num_hidden_layers))
+    every = list(range(cfg.num_hidden_layers))
+    routed = cfg.intermediate_size // experts if init == "split" else cfg.intermediate_size
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=head_dim(cfg), hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+        tie_word_embeddings=cfg.tie_word_embeddings, num_experts_per_tok=top_k, output_router_logits=True,
+        router_aux_loss_coef=aux_coef, attention_dropout=0.0, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, **{ROUTER_Z_LOSS_COEF: z_coef})
+    if shared_expert or (layers is not None and set(layers) != set(every)):
         return Qwen2MoeConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            moe_intermediate_size=cfg.intermediate_size // experts if init == "split" else cfg.intermediate_size,
-            shared_expert_intermediate_size=cfg.intermediate_size if shared_expert else 0,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, head_dim=head_dim(cfg), hidden_act=cfg.hidden_act,
-            max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-            rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
-            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, output_router_logits=True,
-            router_aux_loss_coef=aux_coef, decoder_sparse_step=1, qkv_bias=False, use_sliding_window=False,
-            mlp_only_layers=[l for l in every if l not in (every if layers is None else layers)],
-            attention_dropout=0.0, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.pad_token_id, **{ROUTER_Z_LOSS_COEF: z_coef})
-    return MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size // experts if init == "split" else cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=head_dim(cfg), hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
-        num_local_experts=experts, num_experts_per_tok=top_k, output_router_logits=True,
-        router_aux_loss_coef=aux_coef, router_jitter_noise=0.0, sliding_window=None, attention_dropout=0.0,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-        **{ROUTER_Z_LOSS_COEF: z_coef})
+            **common, intermediate_size=cfg.intermediate_size, moe_intermediate_size=routed,
+            shared_expert_intermediate_size=cfg.intermediate_size if shared_expert else 0, num_experts=experts,
+            norm_topk_prob=True, decoder_sparse_step=1, qkv_bias=False, use_sliding_window=False,
+            mlp_only_layers=[l for l in every if layers is not None and l not in layers])
+    return MixtralConfig(**common, intermediate_size=routed, num_local_experts=experts, router_jitter_noise=0.0,
+                         sliding_window=None)
 
 
 def upcycled_state(state: dict[str, torch.Tensor], cfg, experts: int, init: str, noise: float = 0.0,

@@ -437,6 +437,16 @@ def test_bits_per_byte_counts_each_sides_own_tokens_and_bytes(tiny_teacher, teac
     assert uniform["bpb_ratio"] == pytest.approx(uniform["student_bpb"] / m["teacher_bpb"], rel=1e-9)
 
 
+def llama(seed, vocab, width=16):
+    """A tiny random Llama (2 layers) with ``vocab`` ids: a teacher or student for the loss tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
+                                        tie_word_embeddings=True, max_position_embeddings=256))
+
+
 @pytest.mark.parametrize("method,ce,extra", [("uld", 0.0, False), ("gold", 0.3, True)])
 @pytest.mark.parametrize("smooth", [True, False])
 def test_chunked_cross_tokenizer_loss_equals_the_full_one(tmp_path, student_tok, teacher_tok, method, ce, extra, smooth,
@@ -449,19 +459,11 @@ def test_chunked_cross_tokenizer_loss_equals_the_full_one(tmp_path, student_tok,
     gradient's norm); the real loss's values are compared either way."""
     if smooth:
         monkeypatch.setattr(ct, "sorted_l1", lambda ps, pt, top_k=None: (ps[:, :1000] - pt[:, :1000]).pow(2).sum(-1))
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compress.methods.distill import Distill
     from compress.recipe import load_recipe
     from compress.stages import RunContext
     from compress.teacher import Teacher
     from tests.tiny import write_recipe
-
-    def llama(seed, vocab):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
-                                            tie_word_embeddings=True, max_position_embeddings=256))
 
     x = torch.tensor(student_tok(TEXT, add_special_tokens=False)["input_ids"][:120]).reshape(3, 40)
     batch = {"input_ids": x, "labels": torch.roll(x, -1, 1), "index": torch.arange(3), "step": 0, "micro": 0}
@@ -494,20 +496,12 @@ def test_chunked_cross_tokenizer_loss_equals_the_full_one(tmp_path, student_tok,
 def test_on_policy_across_tokenizers_scores_the_students_own_text(tmp_path, student_tok, teacher_tok):
     """λ = 1, greedy: the loss is ULD on the student's own continuation, re-tokenized for the
     teacher, over the pairs that predict sampled text only; the data's continuation is never read."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compress.methods.distill import Distill
     from compress.recipe import load_recipe
     from compress.sampling import sample_continuations
     from compress.stages import RunContext
     from compress.teacher import Teacher
     from tests.tiny import write_recipe
-
-    def llama(seed, vocab):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
-                                            tie_word_embeddings=True, max_position_embeddings=256))
 
     P, T = 12, 30
     stage = {"kind": "distill", "cross_tokenizer": {"method": "uld"},
@@ -546,20 +540,12 @@ def test_on_policy_across_tokenizers_scores_the_students_own_text(tmp_path, stud
 def _offline_pair(tmp_path, student_tok, teacher_tok, stage, x, chunk=None):
     """A Distill method on a tiny teacher/student pair with the SmolLM2 and Mistral tokenizers, its
     offline cache (if any) built by ``prepare`` from data blocks ``x`` (student ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compress.data import TokenData
     from compress.methods.distill import Distill
     from compress.recipe import load_recipe
     from compress.stages import RunContext
     from compress.teacher import Teacher
     from tests.tiny import write_recipe
-
-    def llama(seed, vocab):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
-                                            tie_word_embeddings=True, max_position_embeddings=256))
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     blocks = torch.cat([x, x[:, :1]], 1).int()  # (n, T + 1), as TokenData holds them
@@ -636,19 +622,11 @@ def test_hidden_mse_across_tokenizers_compares_the_byte_aligned_positions(tmp_pa
     aligned student position (through the learned projection: widths 24 vs 16 here) and the
     teacher's at the teacher position ending at the same byte, over the aligned pairs only; the
     chunked loss gives the same value and gradients."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compress.methods.distill import Distill
     from compress.recipe import load_recipe
     from compress.stages import RunContext
     from compress.teacher import Teacher
     from tests.tiny import write_recipe
-
-    def llama(seed, vocab, width):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
-                                            tie_word_embeddings=True, max_position_embeddings=256))
 
     x = torch.tensor(student_tok(TEXT, add_special_tokens=False)["input_ids"][:120]).reshape(3, 40)
     batch = {"input_ids": x, "labels": torch.roll(x, -1, 1), "index": torch.arange(3), "step": 0, "micro": 0}

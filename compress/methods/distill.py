@@ -325,10 +325,7 @@ class Distill(StageMethod):
                 total = total + cfg.ce_weight * ce
                 logs["ce"] = ce.detach()
         if want_hidden:  # the two models' hidden states where their tokens end at the same byte
-            keep = al["pair_mask"]
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)[keep]
-            mse = self._hidden_mse(module, out.hidden_states, t_first.hidden_states,
-                                   pairs=((rows, al["s_pos"][keep]), (rows, al["t_pos"][keep])))
+            mse = self._hidden_mse(module, out.hidden_states, t_first.hidden_states, aligned=al)
             total = total + cfg.hidden_weight * mse
             logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
@@ -434,18 +431,20 @@ class Distill(StageMethod):
             logs["hidden_mse"] = mse.detach()
         return with_model_losses(total, logs, out, module)
 
-    def _hidden_mse(self, module: nn.Module, s_states, t_states, mask=None, pairs=None) -> torch.Tensor:
+    def _hidden_mse(self, module: nn.Module, s_states, t_states, mask=None, aligned: dict | None = None) -> torch.Tensor:
         """Hidden-state MSE, averaged over ``hidden_layers``: each student layer against its teacher
-        layer (``teacher_layer``), through the learned projections. ``pairs`` ((rows, s_pos), (rows,
-        t_pos)) compares only aligned positions, for a student with another tokenizer."""
+        layer (``teacher_layer``), through the learned projections. ``aligned`` (an ``align_batch``
+        result) compares only the paired positions, for a student with another tokenizer."""
+        from compress.cross_tokenizer import aligned_logits
+
         proj_list = _inner(module).projections
         n_s, n_t = len(s_states) - 1, len(t_states) - 1
         terms = []
         for l, proj in zip(self.cfg.hidden_layers, proj_list):
             hs = s_states[l + 1 if l >= 0 else n_s]
             ht = t_states[teacher_layer(l, n_s, n_t, self.ctx.layer_map) + 1].to(hs.dtype)
-            if pairs is not None:  # (1, pairs, D) each, every row counted (none: 0, still in the graph)
-                hs, ht = hs[pairs[0]][None], ht[pairs[1]][None]
+            if aligned is not None:  # (1, pairs, D) each, every row counted (none: 0, still in the graph)
+                hs, ht = (h[None] for h in aligned_logits(hs, ht, aligned))
                 mask = torch.ones(hs.shape[:2], dtype=torch.bool, device=hs.device)
             terms.append(hidden_mse(hs, ht, proj=proj, mask=mask))
         return sum(terms) / len(terms)

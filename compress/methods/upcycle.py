@@ -80,8 +80,9 @@ class Upcycle(StageMethod):
         cfg, ctx = self.cfg, self.ctx
         check_upcycle(model.config, cfg.experts, cfg.top_k, cfg.init, cfg.layers)
         new_cfg = self.out_config(cfg, model.config)
+        sparse = moe_layers(new_cfg)
         state = upcycled_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config, cfg.experts,
-                               cfg.init, cfg.noise, cfg.router_std, ctx.recipe.seed, layers=moe_layers(new_cfg),
+                               cfg.init, cfg.noise, cfg.router_std, ctx.recipe.seed, layers=sparse,
                                shared_expert=None if new_cfg.model_type == "mixtral" else cfg.shared_expert)
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         moe = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
@@ -95,7 +96,7 @@ class Upcycle(StageMethod):
         blocks = ctx.calibration(cfg.calibration_blocks)
         self.transform_info = {"experts": cfg.experts, "top_k": cfg.top_k, "init": cfg.init,
                                "capacity_factor": cfg.capacity_factor, "architecture": type(moe).__name__,
-                               "moe_layers": moe_layers(new_cfg), "shared_expert": cfg.shared_expert,
+                               "moe_layers": sparse, "shared_expert": cfg.shared_expert,
                                "moe_params": param_counts(new_cfg),
                                "utilization_at_init": utilization(moe, blocks, ctx.recipe.train.micro_batch_size)}
         return moe
