@@ -86,16 +86,20 @@ def kill_at_checkpoint(cmd: list[str], ckpts: Path, step: int, timeout: float = 
     holds a complete checkpoint at ``step`` or later, and return the latest one left."""
     import signal
     import subprocess
+    import tempfile
     import time
 
     from compress.checkpoint import latest_step
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), cwd=REPO,
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env(), cwd=REPO,
                             start_new_session=True)
     deadline = time.time() + timeout
     while (latest_step(ckpts) or 0) < step:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
+        if proc.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            why = "the run ended before it could be killed" if proc.poll() is not None else "no checkpoint appeared"
+            raise AssertionError(f"{why}; its output ends with:\n{log.read()[-4000:]}")
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
     proc.wait()
