@@ -96,3 +96,123 @@ def kv_bytes_per_token(cfg, bytes_per_value: int = 2) -> int:
     from compress.models import head_dim
 
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * bytes_per_value
+
+
+# --- pca: a low-rank merge of each group's keys and values, compensated in the queries and in o_proj ---
+#
+# RoPE rotates dims (j, j + d/2) of every head together by the same angle: read that pair as a complex
+# number z_j = x_j + i x_{j+d/2}, and RoPE multiplies it by e^{i theta_j n}. Multiplying z_j by any complex
+# constant commutes with that rotation, so per pair j the group's r keys z_{h,j} can be replaced by one
+# merged key z'_j = sum_h e_{h,j} z_{h,j}, each old key read back as z_{h,j} ~ c_{h,j} z'_j, and a query
+# head that used h scores the same as before with its query pair multiplied by conj(c_{h,j}): rank one per
+# pair, exact when the heads agree up to a complex factor, and foldable into q_proj and k_proj. e and c are
+# the top eigenvector of the query-energy-weighted covariance E[z z^H] over calibration text: the merge
+# that keeps sum_h (query energy of h) E|z_h - c_h z'|^2 smallest.
+# Values have no RoPE: v' = P v_group (d of the group's r d dims), and each query head's o_proj columns
+# read its old head back through B (v_h ~ B_h v'). P is PCA in the metric each head's output sees
+# (blockdiag of W_o,i^T W_o,i), B the least-squares decoder E[v v'^T] E[v' v'^T]^-1.
+
+
+def rope_pair_scale(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One head's projection rows (d, ...) or bias (d,) with each RoPE pair z_j times the complex c_j (d/2,)."""
+    half = w.shape[0] // 2
+    c = c.reshape(half, *([1] * (w.dim() - 1)))
+    w1, w2 = w[:half].double(), w[half:].double()
+    return torch.cat([c.real * w1 - c.imag * w2, c.imag * w1 + c.real * w2])
+
+
+def pca_key_codes(energy: torch.Tensor, kcov: torch.Tensor, kv_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder e and decoder c, each (kv_old, d/2) complex, of the per-pair rank-one key merge.
+
+    ``energy`` (kv_old, d/2): the query energy on each old head's pairs; ``kcov`` (d/2, kv_old, kv_old):
+    E[z z^H] of the keys' pairs. The merged key of group g is sum_{h in g} e_h z_h; z_h ~ c_h z'."""
+    kv_old, half = energy.shape
+    r = kv_old // kv_new
+    enc = torch.zeros(kv_old, half, dtype=torch.complex128)
+    dec = torch.zeros_like(enc)
+    for g in range(kv_new):
+        hs = slice(g * r, (g + 1) * r)
+        s = energy[hs].double().T.clamp_min(1e-30).sqrt()               # (half, r)
+        C = kcov[:, hs, hs].to(torch.complex128)                       # (half, r, r)
+        vals, vecs = torch.linalg.eigh(s[:, :, None] * C * s[:, None, :])
+        u = vecs[..., -1]                                              # (half, r), unit, top eigenvalue
+        lead = u.abs().argmax(1, keepdim=True)                         # a deterministic phase: lead entry real > 0
+        u = u * (u.gather(1, lead).conj() / u.gather(1, lead).abs().clamp_min(1e-30))
+        # scale z' to the group's mean key energy (E|z'|^2 = top eigenvalue before scaling)
+        alpha = (C.diagonal(dim1=1, dim2=2).real.mean(1) / vals[:, -1].clamp_min(1e-30)).sqrt()[:, None]
+        enc[hs] = (u.conj() * s * alpha).T
+        dec[hs] = (u / s / alpha).T
+    return enc, dec
+
+
+def merge_qk_pca(wq: torch.Tensor, wk: torch.Tensor, enc: torch.Tensor, dec: torch.Tensor, heads: int,
+                 kv_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_proj (heads d, ...) and k_proj (kv_old d, ...) weights or biases -> (q', k' (kv_new d, ...))."""
+    kv_old = enc.shape[0]
+    r, per = kv_old // kv_new, heads // kv_old
+    K, Q = _heads(wk, kv_old), _heads(wq, heads)
+    k_new = torch.stack([sum(rope_pair_scale(K[h], enc[h]) for h in range(g * r, (g + 1) * r))
+                         for g in range(kv_new)])
+    q_new = torch.stack([rope_pair_scale(Q[i], dec[i // per].conj()) for i in range(heads)])
+    return (q_new.reshape(wq.shape).to(wq.dtype), k_new.reshape(-1, *wk.shape[1:]).to(wk.dtype))
+
+
+def pca_value_codes(o_proj: torch.Tensor, vcov: torch.Tensor, heads: int, kv_old: int,
+                    ridge: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """P (kv_new, d, r d) and B (kv_new, r d, d) of the value merge; ``vcov`` (kv_new, r d, r d) is E[v v^T]
+    of each group's stacked old value heads on calibration text."""
+    kv_new, rd, _ = vcov.shape
+    d, r = rd * kv_new // kv_old, kv_old // kv_new
+    wo = o_proj.double().reshape(o_proj.shape[0], heads, d).permute(1, 0, 2)       # (heads, hidden, d)
+    D = torch.einsum("ihd,ihe->ide", wo, wo).reshape(kv_old, heads // kv_old, d, d).sum(1)
+    P, B = torch.zeros(kv_new, d, rd, dtype=torch.float64), torch.zeros(kv_new, rd, d, dtype=torch.float64)
+    for g in range(kv_new):
+        M = torch.block_diag(*D[g * r:(g + 1) * r])
+        ev, Ev = torch.linalg.eigh(M)
+        Mh = Ev @ torch.diag(ev.clamp_min(ev.max() * 1e-12).sqrt()) @ Ev.T            # M^(1/2)
+        S = vcov[g].double()
+        _, U = torch.linalg.eigh(Mh @ S @ Mh)
+        p = U[:, -d:].T @ Mh                                                           # (d, r d)
+        cov = p @ S @ p.T
+        t = (S.diagonal().mean() / cov.diagonal().clamp_min(1e-30)).sqrt()             # v' at the old scale
+        p = t[:, None] * p
+        cov = p @ S @ p.T
+        P[g] = p
+        B[g] = S @ p.T @ torch.linalg.inv(cov + ridge * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype))
+    return P, B
+
+
+def merge_vo_pca(wv: torch.Tensor, wo: torch.Tensor | None, P: torch.Tensor, B: torch.Tensor, heads: int,
+                 kv_old: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """v_proj weight (kv_old d, hidden) or bias (kv_old d,), and o_proj (hidden, heads d) or None ->
+    (v' (kv_new d, ...), o' (hidden, heads d) or None)."""
+    kv_new, d, rd = P.shape
+    r, per = kv_old // kv_new, heads // kv_old
+    V = wv.double().reshape(kv_new, rd, *wv.shape[1:])
+    v_new = torch.einsum("gdx,gx...->gd...", P, V).reshape(-1, *wv.shape[1:]).to(wv.dtype)
+    if wo is None:
+        return v_new, None
+    O = wo.double().reshape(wo.shape[0], heads, d)
+    cols = [O[:, i] @ B[(i // per) // r, ((i // per) % r) * d:((i // per) % r + 1) * d] for i in range(heads)]
+    return v_new, torch.stack(cols, 1).reshape(wo.shape).to(wo.dtype)
+
+
+def merge_state_pca(state: dict[str, torch.Tensor], cfg, kv_new: int, stats: dict[int, dict]) -> dict[str, torch.Tensor]:
+    """The state dict with every layer's q/k/v/o projections rewritten for ``kv_new`` KV heads by the pca merge;
+    ``stats[layer]`` holds ``energy``, ``kcov`` and ``vcov`` (see ``compress.methods.gqa.kv_statistics``)."""
+    out = dict(state)
+    heads, kv_old = cfg.num_attention_heads, cfg.num_key_value_heads
+    for l in range(cfg.num_hidden_layers):
+        p, st = f"model.layers.{l}.self_attn.", stats[l]
+        enc, dec = pca_key_codes(st["energy"], st["kcov"], kv_new)
+        P, B = pca_value_codes(state[f"{p}o_proj.weight"], st["vcov"], heads, kv_old)
+        for suffix in ("weight", "bias"):
+            q, k, v = (f"{p}{n}_proj.{suffix}" for n in "qkv")
+            if k in state:
+                out[q], out[k] = merge_qk_pca(state[q], state[k], enc, dec, heads, kv_new)
+            if v in state:
+                out[v], o = merge_vo_pca(state[v], state[f"{p}o_proj.weight"] if suffix == "weight" else None,
+                                         P, B, heads, kv_old)
+                if o is not None:
+                    out[f"{p}o_proj.weight"] = o
+    return out

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from compress.kv_heads import merge_k_weighted, merge_mean, merge_state, merge_v_weighted
-from compress.methods.gqa import query_energy
+from compress.kv_heads import (merge_k_weighted, merge_mean, merge_state, merge_state_pca, merge_v_weighted,
+                               pca_key_codes, rope_pair_scale)
+from compress.methods.gqa import kv_statistics, query_energy
 from tests.tiny import launch, write_recipe
 
 
@@ -18,17 +19,22 @@ def tiny(kv=4):
                                         num_attention_heads=4, num_key_value_heads=kv, tie_word_embeddings=True)).eval()
 
 
-def converted(model, kv_new, method, energy=None):
+def converted(model, kv_new, method, ids=None):
+    """``model`` with its KV heads merged to ``kv_new`` by ``method`` (statistics read on ``ids``)."""
     from compress.pruning import pruned_config
 
     cfg = pruned_config(model.config, {"num_key_value_heads": kv_new})
     small = LlamaForCausalLM(cfg).eval()
-    state = merge_state(model.state_dict(), model.config, kv_new, method, energy)
+    if method == "pca":
+        state = merge_state_pca(model.state_dict(), model.config, kv_new, kv_statistics(model, ids, kv_new=kv_new))
+    else:
+        energy = query_energy(model, ids) if method == "weighted" else None
+        state = merge_state(model.state_dict(), model.config, kv_new, method, energy)
     small.load_state_dict(state, strict=False)
     return small
 
 
-@pytest.mark.parametrize("method", ["mean", "weighted"])
+@pytest.mark.parametrize("method", ["mean", "weighted", "pca"])
 def test_identical_heads_in_a_group_convert_exactly(method):
     model = tiny(kv=4)
     with torch.no_grad():
@@ -37,8 +43,7 @@ def test_identical_heads_in_a_group_convert_exactly(method):
                 w = proj.weight.view(4, 16, 64)
                 w[1], w[3] = w[0], w[2]
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    energy = query_energy(model, ids) if method == "weighted" else None
-    small = converted(model, 2, method, energy)
+    small = converted(model, 2, method, ids)
     assert small.config.num_key_value_heads == 2 and small.model.layers[0].self_attn.k_proj.out_features == 32
     with torch.no_grad():
         torch.testing.assert_close(small(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
@@ -70,6 +75,67 @@ def test_weighted_merges_minimise_what_they_claim():
     for eps in (1e-2, -1e-2):  # a stationary point: nudging it makes it worse
         assert k_loss(best_k) <= k_loss(best_k + eps) and v_loss(best_v) <= v_loss(best_v + eps)
 
+
+
+def related_heads_model():
+    """Heads (0, 1) and (2, 3) that differ but carry the same information: each key RoPE pair of head 1 is
+    head 0's times a complex factor (RoPE commutes with it), each value of head 1 a linear map of head 0's."""
+    model = tiny(kv=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            k, v = layer.self_attn.k_proj.weight.view(4, 16, 64), layer.self_attn.v_proj.weight.view(4, 16, 64)
+            c = torch.complex(torch.randn(8, generator=g), torch.randn(8, generator=g)).to(torch.complex128)
+            k[1], k[3] = rope_pair_scale(k[0], c).float(), rope_pair_scale(k[2], c.conj()).float()
+            a = torch.randn(16, 16, generator=g)
+            v[1], v[3] = a @ v[0], a.T @ v[2]
+    return model
+
+
+def test_pca_merge_is_exact_on_heads_related_by_rope_commuting_maps_and_the_others_are_not():
+    model = related_heads_model()
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        err = {m: (converted(model, 2, m, ids)(input_ids=ids).logits - want).abs().max().item()
+               for m in ("mean", "weighted", "pca")}
+    # exact only if the pairs are RoPE's (j, j + d/2), the query takes conj(c) and o_proj reads v back
+    assert err["pca"] < 1e-5 and err["mean"] > 1e-2 and err["weighted"] > 1e-2, err
+
+
+def test_pca_key_codes_minimise_the_weighted_key_error_per_rope_pair():
+    g = torch.Generator().manual_seed(0)
+    kv_old, half, n = 4, 6, 500
+    z = torch.complex(torch.randn(n, kv_old, half, generator=g), torch.randn(n, kv_old, half, generator=g)).to(torch.complex128)
+    z = torch.einsum("nhj,gh->ngj", z, torch.randn(kv_old, kv_old, generator=g).to(z.dtype))  # correlated heads
+    energy = torch.rand(kv_old, half, generator=g).double() * 5
+    kcov = torch.einsum("nhj,ngj->jhg", z, z.conj()) / n
+    enc, dec = pca_key_codes(energy, kcov, 2)
+
+    def loss(enc, dec):  # sum over heads h and pairs j of energy * E|z_h - dec_h sum_(h' in group) enc_h' z_h'|^2
+        merged = torch.stack([(enc[2 * g_:2 * g_ + 2] * z[:, 2 * g_:2 * g_ + 2]).sum(1) for g_ in range(2)], 1)
+        recon = dec * merged.repeat_interleave(2, 1)
+        return float((energy * (z - recon).abs().pow(2).mean(0)).sum())
+
+    base = loss(enc, dec)
+    avg = torch.full_like(enc, 0.5)  # the mean merge read back as is
+    assert base < 0.8 * loss(avg, torch.ones_like(dec))
+    for eps in (1e-2, -1e-2, 1e-2j):  # a stationary point of the joint problem
+        bump = torch.zeros_like(enc)
+        bump[1, 2] = eps
+        assert base <= loss(enc + bump, dec) and base <= loss(enc, dec + bump)
+
+
+def test_pca_beats_the_other_merges_on_a_random_model():
+    model = tiny(kv=4)
+    calib = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=held).logits.log_softmax(-1)
+        kl = {m: torch.nn.functional.kl_div(converted(model, 2, m, calib)(input_ids=held).logits.log_softmax(-1),
+                                            want, log_target=True, reduction="batchmean").item()
+              for m in ("mean", "weighted", "pca")}
+    assert kl["pca"] < kl["weighted"] and kl["pca"] < kl["mean"], kl
 
 
 @pytest.mark.slow
