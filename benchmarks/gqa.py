@@ -1,7 +1,8 @@
-"""GQA conversion on the real teacher: SmolLM2's 3 KV heads merged into 1 by mean-pooling or by the
-output-preserving weighted merge, each alone and uptrained with KD, and the decode speed it buys.
+"""GQA conversion on the real teacher: SmolLM2's 3 KV heads merged into 1 by mean-pooling, by the
+output-preserving weighted merge or by the RoPE-aware pca merge, each alone and uptrained with KD, and
+the decode speed it buys.
 
-    .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,mean_kd,weighted_kd] [--seeds 0,1,2] [--jobs 1]
+    .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,pca,mean_kd,weighted_kd,pca_kd] [--seeds 0,1,2]
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher, a `gqa` stage (num_key_value_heads: 1) and, for `*_kd` arms, a `distill` stage of

@@ -197,12 +197,14 @@ def merge_vo_pca(wv: torch.Tensor, wo: torch.Tensor | None, P: torch.Tensor, B: 
     return v_new, torch.stack(cols, 1).reshape(wo.shape).to(wo.dtype)
 
 
-def merge_state_pca(state: dict[str, torch.Tensor], cfg, kv_new: int, stats: dict[int, dict]) -> dict[str, torch.Tensor]:
-    """The state dict with every layer's q/k/v/o projections rewritten for ``kv_new`` KV heads by the pca merge;
-    ``stats[layer]`` holds ``energy``, ``kcov`` and ``vcov`` (see ``compress.methods.gqa.kv_statistics``)."""
+def merge_state_pca(state: dict[str, torch.Tensor], cfg, kv_new: int, stats: dict[int, dict],
+                    layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict with each layer's (``layers``, default all) q/k/v/o projections rewritten for ``kv_new``
+    KV heads by the pca merge; ``stats[layer]`` holds ``energy``, ``kcov`` and ``vcov`` (see
+    ``compress.methods.gqa.kv_statistics``)."""
     out = dict(state)
     heads, kv_old = cfg.num_attention_heads, cfg.num_key_value_heads
-    for l in range(cfg.num_hidden_layers):
+    for l in range(cfg.num_hidden_layers) if layers is None else layers:
         p, st = f"model.layers.{l}.self_attn.", stats[l]
         enc, dec = pca_key_codes(st["energy"], st["kcov"], kv_new)
         P, B = pca_value_codes(state[f"{p}o_proj.weight"], st["vcov"], heads, kv_old)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from compress.kv_heads import (merge_k_weighted, merge_mean, merge_state, merge_state_pca, merge_v_weighted,
                                pca_key_codes, rope_pair_scale)
-from compress.methods.gqa import kv_statistics, query_energy
+from compress.methods.gqa import kv_statistics, query_energy, sequential_pca_state
 from tests.tiny import launch, write_recipe
 
 
@@ -27,6 +27,10 @@ def converted(model, kv_new, method, ids=None):
     small = LlamaForCausalLM(cfg).eval()
     if method == "pca":
         state = merge_state_pca(model.state_dict(), model.config, kv_new, kv_statistics(model, ids, kv_new=kv_new))
+    elif method == "pca_sequential":
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {**model.state_dict(), **sequential_pca_state(model, ids, 2, kv_new)}
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model was left changed"
     else:
         energy = query_energy(model, ids) if method == "weighted" else None
         state = merge_state(model.state_dict(), model.config, kv_new, method, energy)
@@ -34,7 +38,7 @@ def converted(model, kv_new, method, ids=None):
     return small
 
 
-@pytest.mark.parametrize("method", ["mean", "weighted", "pca"])
+@pytest.mark.parametrize("method", ["mean", "weighted", "pca", "pca_sequential"])
 def test_identical_heads_in_a_group_convert_exactly(method):
     model = tiny(kv=4)
     with torch.no_grad():
@@ -98,9 +102,10 @@ def test_pca_merge_is_exact_on_heads_related_by_rope_commuting_maps_and_the_othe
     with torch.no_grad():
         want = model(input_ids=ids).logits
         err = {m: (converted(model, 2, m, ids)(input_ids=ids).logits - want).abs().max().item()
-               for m in ("mean", "weighted", "pca")}
+               for m in ("mean", "weighted", "pca", "pca_sequential")}
     # exact only if the pairs are RoPE's (j, j + d/2), the query takes conj(c) and o_proj reads v back
-    assert err["pca"] < 1e-5 and err["mean"] > 1e-2 and err["weighted"] > 1e-2, err
+    assert err["pca"] < 1e-5 and err["pca_sequential"] < 1e-5, err
+    assert err["mean"] > 1e-2 and err["weighted"] > 1e-2, err
 
 
 def test_pca_key_codes_minimise_the_weighted_key_error_per_rope_pair():
@@ -136,6 +141,46 @@ def test_pca_beats_the_other_merges_on_a_random_model():
                                             want, log_target=True, reduction="batchmean").item()
               for m in ("mean", "weighted", "pca")}
     assert kl["pca"] < kl["weighted"] and kl["pca"] < kl["mean"], kl
+
+
+def test_sequential_pca_merges_each_layer_on_the_inputs_the_merged_layers_before_it_give():
+    import copy
+
+    model = tiny(kv=4)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    seq = sequential_pca_state(model, ids, 2, 2)
+    one_pass = merge_state_pca(model.state_dict(), model.config, 2, kv_statistics(model, ids, kv_new=2))
+    key = "model.layers.{}.self_attn.k_proj.weight"
+    torch.testing.assert_close(seq[key.format(0)], one_pass[key.format(0)])  # layer 0 sees the same inputs
+    assert not torch.allclose(seq[key.format(1)], one_pass[key.format(1)], atol=1e-4)
+    hybrid = copy.deepcopy(model)  # layer 0 replaced by its merge, each old KV head holding its group's head
+    with torch.no_grad():
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w = seq[f"model.layers.0.self_attn.{n}.weight"]
+            if n in ("k_proj", "v_proj"):
+                w = w.reshape(2, 16, 64).repeat_interleave(2, 0).reshape(64, 64)
+            getattr(hybrid.model.layers[0].self_attn, n).weight.copy_(w)
+    by_hand = merge_state_pca(hybrid.state_dict(), model.config, 2, kv_statistics(hybrid, ids, kv_new=2))
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        name = f"model.layers.1.self_attn.{n}.weight"
+        torch.testing.assert_close(seq[name], by_hand[name])
+
+
+def test_pca_refuses_models_it_cannot_fold_into():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from compress.errors import CompressError
+    from compress.methods.gqa import check_pca_mergeable
+
+    partial = tiny().config
+    partial.rope_parameters = {**partial.rope_parameters, "partial_rotary_factor": 0.5}  # where transformers 5 keeps it
+    with pytest.raises(CompressError, match=r"partial_rotary_factor 0.5\); use merge: weighted"):
+        check_pca_mergeable(partial)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    with pytest.raises(CompressError, match="per-head q/k norm"):
+        check_pca_mergeable(qwen3.config, qwen3)
+    check_pca_mergeable(tiny().config, tiny())  # a Llama: fine
 
 
 @pytest.mark.slow

@@ -31,24 +31,29 @@ from compress.stages import StageConfig, StageMethod, earlier_stage, register
 class GqaStage(StageConfig):
     kind: Literal["gqa"] = "gqa"
     num_key_value_heads: int = Field(ge=1)
-    merge: Literal["mean", "weighted", "pca"] = "weighted"
+    merge: Literal["mean", "weighted", "pca"] = "pca"
     calibration_blocks: int = Field(32, ge=1)  # weighted, pca: the blocks whose statistics drive the merge
+    sequential: bool = True  # pca: each layer's statistics read with the layers before it merged
     max_steps: None = None
 
 
-@torch.no_grad()
-def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
-                  kv_new: int | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Per layer, on ``blocks``: ``energy`` (kv heads, d / 2), E[q_j^2 + q_(j+d/2)^2] summed over the query
-    heads of each KV head; with ``kv_new`` (the pca merge) also ``kcov`` (d / 2, kv, kv), E[z z^H] of the
-    keys' RoPE pairs as complex numbers, and ``vcov`` (kv_new, r d, r d), E[v v^T] of each merged group's
-    stacked value heads."""
+class _Stop(Exception):
+    """Raised by a hook once the layers whose statistics are wanted have run: the rest is not needed."""
+
+
+def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, kv_new: int | None = None,
+                  layers: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer (``layers``, default all), on ``blocks``: ``energy`` (kv heads, d / 2), E[q_j^2 + q_(j+d/2)^2]
+    summed over the query heads of each KV head; with ``kv_new`` (the pca merge) also ``kcov`` (d / 2, kv, kv),
+    E[z z^H] of the keys' RoPE pairs as complex numbers, and ``vcov`` (kv_new, r d, r d), E[v v^T] of each
+    merged group's stacked value heads. The forward stops after the last layer asked for."""
     from compress.models import head_dim
 
     cfg = model.config
     H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
     half = d // 2
-    acc = {l: {"energy": torch.zeros(H, d, dtype=torch.float64)} for l in range(cfg.num_hidden_layers)}
+    layers = list(range(cfg.num_hidden_layers)) if layers is None else layers
+    acc = {l: {"energy": torch.zeros(H, d, dtype=torch.float64)} for l in layers}
     if kv_new is not None:
         for a in acc.values():
             a["kcov"] = torch.zeros(half, kv, kv, dtype=torch.complex128)
@@ -68,12 +73,21 @@ def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
                 acc[l]["vcov"].add_(torch.einsum("ngx,ngy->gxy", v, v).cpu())
         return add
 
+    def stop(m, args):
+        raise _Stop
+
     kinds = "qkv" if kv_new is not None else "q"
-    hooks = [getattr(layer.self_attn, f"{kind}_proj").register_forward_hook(hook(l, kind))
-             for l, layer in enumerate(model.model.layers) for kind in kinds]
+    attn = [model.model.layers[l].self_attn for l in layers]
+    hooks = [getattr(a, f"{kind}_proj").register_forward_hook(hook(l, kind)) for l, a in zip(layers, attn)
+             for kind in kinds]
+    hooks.append(attn[layers.index(max(layers))].o_proj.register_forward_pre_hook(stop))
     try:
-        for s in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[s:s + batch_size])
+        with torch.no_grad():
+            for s in range(0, len(blocks), batch_size):
+                try:
+                    model(input_ids=blocks[s:s + batch_size])
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -88,6 +102,39 @@ def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
     return acc
 
 
+@torch.no_grad()
+def sequential_pca_state(model: nn.Module, blocks: torch.Tensor, batch_size: int, kv_new: int) -> dict:
+    """The pca merge layer by layer, each layer's statistics read with the layers before it already merged
+    (as GPTQ does), so a layer's merge sees the inputs it will get; the model is left as it was.
+
+    A merged layer runs inside the old architecture: each old KV head holds its group's merged head and
+    q_proj/o_proj their rewritten weights, which computes exactly what the GQA layer computes."""
+    cfg, kv_old = model.config, model.config.num_key_value_heads
+    r = kv_old // kv_new
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    attn = [layer.self_attn for layer in model.model.layers]
+    saved = [{n: {k: t.detach().clone() for k, t in getattr(a, n).state_dict().items()} for n in names} for a in attn]
+    merged = {}
+    try:
+        for l, a in enumerate(attn):
+            stats = kv_statistics(model, blocks, batch_size, kv_new, layers=[l])
+            p = f"model.layers.{l}.self_attn."
+            part = {f"{p}{n}.{k}": t for n in names for k, t in getattr(a, n).state_dict().items()}
+            new = merge_state_pca(part, cfg, kv_new, stats, layers=[l])
+            merged.update(new)
+            for n in names:  # run the merged layer in the old shape: each old head holds its group's merged head
+                for k in getattr(a, n).state_dict():
+                    t = new[f"{p}{n}.{k}"]
+                    if n in ("k_proj", "v_proj"):
+                        t = t.reshape(kv_new, -1, *t.shape[1:]).repeat_interleave(r, 0).reshape(-1, *t.shape[1:])
+                    getattr(getattr(a, n), k).copy_(t)
+    finally:
+        for a, orig in zip(attn, saved):
+            for n in names:
+                getattr(a, n).load_state_dict(orig[n])
+    return merged
+
+
 def query_energy(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
     """{layer: (kv heads, d / 2)}: the query energy per RoPE pair of each KV head (the weighted merge)."""
     return {l: a["energy"].float() for l, a in kv_statistics(model, blocks, batch_size).items()}
@@ -96,9 +143,11 @@ def query_energy(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) ->
 def check_pca_mergeable(cfg, model: nn.Module | None = None) -> None:
     """The pca merge folds complex factors into q_proj and k_proj: every head dim must be rotary and no
     per-head norm may sit between the projections and RoPE."""
-    if (getattr(cfg, "partial_rotary_factor", None) or 1.0) < 1.0:
-        raise CompressError("merge: pca needs RoPE on every head dim (this model has partial_rotary_factor "
-                            f"{cfg.partial_rotary_factor}); use merge: weighted")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0
+    if factor < 1.0:
+        raise CompressError(f"merge: pca needs RoPE on every head dim (this model has partial_rotary_factor {factor}); "
+                            "use merge: weighted")
     attn = model.model.layers[0].self_attn if model is not None else None
     if attn is not None and (hasattr(attn, "k_norm") or hasattr(attn, "q_norm")):
         raise CompressError("merge: pca cannot fold into a model with a per-head q/k norm "
@@ -141,8 +190,11 @@ class Gqa(StageMethod):
                 state = merge_state(state, old, cfg.num_key_value_heads, "weighted", query_energy(model, blocks, bs))
             else:
                 check_pca_mergeable(old, model)
-                stats = kv_statistics(model, blocks, bs, kv_new=cfg.num_key_value_heads)
-                state = merge_state_pca(state, old, cfg.num_key_value_heads, stats)
+                kv_new = cfg.num_key_value_heads
+                if cfg.sequential:
+                    state.update(sequential_pca_state(model, blocks, bs, kv_new))
+                else:
+                    state = merge_state_pca(state, old, kv_new, kv_statistics(model, blocks, bs, kv_new=kv_new))
         new_cfg = self.out_config(cfg, old)
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         small = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
