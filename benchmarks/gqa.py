@@ -32,6 +32,7 @@ ARMS = {
     "mean_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}, {kind: distill}]", TRAIN),
     "weighted_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: weighted}, {kind: distill}]", TRAIN),
     "pca": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca}]"),
+    "pca_onepass": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca, sequential: false}]"),
     "pca_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca}, {kind: distill}]", TRAIN),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
