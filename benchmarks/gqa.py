@@ -94,17 +94,18 @@ def main() -> int:
 
 def _verdict(stats: dict, speed: dict | None) -> dict:
     v = {}
-    if "mean" in stats and "weighted" in stats:
-        for m in ("ppl_ratio", "kl"):
-            a, b = stats["weighted"][m]["mean"], stats["mean"][m]["mean"]
-            v[f"weighted merge beats mean-pooling before training, {m}"] = \
-                f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
-    for arm in ("weighted_kd", "mean_kd"):
+    for better, worse in (("weighted", "mean"), ("pca", "weighted"), ("pca", "mean"), ("pca", "pca_onepass")):
+        if better in stats and worse in stats:
+            for m in ("ppl_ratio", "kl"):
+                a, b = stats[better][m]["mean"], stats[worse][m]["mean"]
+                v[f"{better} merge beats {worse} before training, {m}"] = \
+                    f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
+    for arm in ("pca_kd", "weighted_kd", "mean_kd"):
         if arm in stats:
             v[f"{arm} ppl ratio <= 1.05"] = below(stats[arm]["ppl_ratio"], 1.05)
-    if "weighted_kd" in stats and "mean_kd" in stats:
-        v["weighted+KD vs mean+KD, ppl_ratio"] = compare(stats["weighted_kd"]["ppl_ratio"], stats["mean_kd"]["ppl_ratio"],
-                                                        "lower")
+    for better, worse in (("weighted_kd", "mean_kd"), ("pca_kd", "weighted_kd")):
+        if better in stats and worse in stats:
+            v[f"{better} vs {worse}, ppl_ratio"] = compare(stats[better]["ppl_ratio"], stats[worse]["ppl_ratio"], "lower")
     if speed:
         v[f"decode speed at {speed['context']} tokens of context (CPU, fp32)"] = \
             f"{speed['speedup']:.2f}x the teacher ({speed['student_tok_s']:.1f} vs {speed['teacher_tok_s']:.1f} tokens/s)"
