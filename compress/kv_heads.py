@@ -82,13 +82,14 @@ def merge_state(state: dict[str, torch.Tensor], cfg, kv_new: int, method: str,
                 key = f"{p}{kind}_proj.{suffix}"
                 if key not in state:
                     continue
-                w = state[key]
+                w = state[key].detach().cpu()  # the statistics live on the CPU; a layer's weights are small
                 if method == "mean":
-                    out[key] = merge_mean(w, kv_old, kv_new)
+                    merged = merge_mean(w, kv_old, kv_new)
                 elif kind == "k":
-                    out[key] = merge_k_weighted(w, energy[l], kv_old, kv_new)
+                    merged = merge_k_weighted(w, energy[l].cpu(), kv_old, kv_new)
                 else:
-                    out[key] = merge_v_weighted(w, state[f"{p}o_proj.weight"], heads, kv_old, kv_new)
+                    merged = merge_v_weighted(w, state[f"{p}o_proj.weight"].detach().cpu(), heads, kv_old, kv_new)
+                out[key] = merged.to(state[key].device)
     return out
 
 
@@ -206,15 +207,19 @@ def merge_state_pca(state: dict[str, torch.Tensor], cfg, kv_new: int, stats: dic
     heads, kv_old = cfg.num_attention_heads, cfg.num_key_value_heads
     for l in range(cfg.num_hidden_layers) if layers is None else layers:
         p, st = f"model.layers.{l}.self_attn.", stats[l]
-        enc, dec = pca_key_codes(st["energy"], st["kcov"], kv_new)
-        P, B = pca_value_codes(state[f"{p}o_proj.weight"], st["vcov"], heads, kv_old)
+        # the statistics live on the CPU, and so does the math; each result goes back where its tensor was
+        w = {k: t.detach().cpu() for k, t in state.items() if k.startswith(p) and "_proj." in k}
+        enc, dec = pca_key_codes(st["energy"].cpu(), st["kcov"].cpu(), kv_new)
+        P, B = pca_value_codes(w[f"{p}o_proj.weight"], st["vcov"].cpu(), heads, kv_old)
+        new = {}
         for suffix in ("weight", "bias"):
             q, k, v = (f"{p}{n}_proj.{suffix}" for n in "qkv")
-            if k in state:
-                out[q], out[k] = merge_qk_pca(state[q], state[k], enc, dec, heads, kv_new)
-            if v in state:
-                out[v], o = merge_vo_pca(state[v], state[f"{p}o_proj.weight"] if suffix == "weight" else None,
-                                         P, B, heads, kv_old)
+            if k in w:
+                new[q], new[k] = merge_qk_pca(w[q], w[k], enc, dec, heads, kv_new)
+            if v in w:
+                new[v], o = merge_vo_pca(w[v], w[f"{p}o_proj.weight"] if suffix == "weight" else None, P, B, heads,
+                                         kv_old)
                 if o is not None:
-                    out[f"{p}o_proj.weight"] = o
+                    new[f"{p}o_proj.weight"] = o
+        out.update({k: t.to(state[k].device) for k, t in new.items()})
     return out

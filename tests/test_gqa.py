@@ -166,6 +166,21 @@ def test_sequential_pca_merges_each_layer_on_the_inputs_the_merged_layers_before
         torch.testing.assert_close(seq[name], by_hand[name])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the merges on a model that lives there")
+def test_merges_of_a_model_on_the_gpu_equal_those_on_the_cpu():
+    model = tiny(kv=4)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    cpu = {**model.state_dict(), **sequential_pca_state(model, ids, 2, 2)}
+    weighted = merge_state(model.state_dict(), model.config, 2, "weighted", query_energy(model, ids))
+    model.cuda()
+    gpu = {**model.state_dict(), **sequential_pca_state(model, ids.cuda(), 2, 2)}
+    gpu_weighted = merge_state(model.state_dict(), model.config, 2, "weighted", query_energy(model, ids.cuda()))
+    for want, got in ((cpu, gpu), (weighted, gpu_weighted)):
+        for k, t in want.items():
+            assert got[k].is_cuda, k
+            torch.testing.assert_close(got[k].cpu(), t, rtol=1e-3, atol=1e-4)
+
+
 def test_pca_refuses_models_it_cannot_fold_into():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
