@@ -113,7 +113,8 @@ def sequential_pca_state(model: nn.Module, blocks: torch.Tensor, batch_size: int
     r = kv_old // kv_new
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     attn = [layer.self_attn for layer in model.model.layers]
-    saved = [{n: {k: t.detach().clone() for k, t in getattr(a, n).state_dict().items()} for n in names} for a in attn]
+    saved = [{n: {k: t.detach().to("cpu", copy=True) for k, t in getattr(a, n).state_dict().items()} for n in names}
+             for a in attn]  # on the host: a GPU holds the model, not a second copy of its attention
     merged = {}
     try:
         for l, a in enumerate(attn):
