@@ -111,14 +111,15 @@ def test_pca_merge_is_exact_on_heads_related_by_rope_commuting_maps_and_the_othe
 def test_pca_key_codes_minimise_the_weighted_key_error_per_rope_pair():
     g = torch.Generator().manual_seed(0)
     kv_old, half, n = 4, 6, 500
-    z = torch.complex(torch.randn(n, kv_old, half, generator=g), torch.randn(n, kv_old, half, generator=g)).to(torch.complex128)
+    z = torch.complex(torch.randn(n, kv_old, half, generator=g), torch.randn(n, kv_old, half, generator=g))
+    z = z.to(torch.complex128)
     z = torch.einsum("nhj,gh->ngj", z, torch.randn(kv_old, kv_old, generator=g).to(z.dtype))  # correlated heads
     energy = torch.rand(kv_old, half, generator=g).double() * 5
     kcov = torch.einsum("nhj,ngj->jhg", z, z.conj()) / n
     enc, dec = pca_key_codes(energy, kcov, 2)
 
     def loss(enc, dec):  # sum over heads h and pairs j of energy * E|z_h - dec_h sum_(h' in group) enc_h' z_h'|^2
-        merged = torch.stack([(enc[2 * g_:2 * g_ + 2] * z[:, 2 * g_:2 * g_ + 2]).sum(1) for g_ in range(2)], 1)
+        merged = (enc * z).reshape(n, 2, 2, half).sum(2)  # groups of 2 consecutive old heads
         recon = dec * merged.repeat_interleave(2, 1)
         return float((energy * (z - recon).abs().pow(2).mean(0)).sum())
 
