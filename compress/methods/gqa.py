@@ -37,78 +37,72 @@ class GqaStage(StageConfig):
     max_steps: None = None
 
 
-class _Stop(Exception):
-    """Raised by a hook once the layers whose statistics are wanted have run: the rest is not needed."""
+class KvStatistics:
+    """One layer's statistics, read from its q/k/v projections' outputs (hooks on its attention module):
+    ``energy`` (kv heads, d / 2), E[q_j^2 + q_(j+d/2)^2] summed over the query heads of each KV head; with
+    ``kv_new`` (the pca merge) also ``kcov`` (d / 2, kv, kv), E[z z^H] of the keys' RoPE pairs as complex
+    numbers, and ``vcov`` (kv_new, r d, r d), E[v v^T] of each merged group's stacked value heads."""
+
+    def __init__(self, cfg, kv_new: int | None = None):
+        from compress.models import head_dim
+
+        self.H, self.kv, self.d, self.kv_new = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg), kv_new
+        self.acc = {"energy": torch.zeros(self.H, self.d, dtype=torch.float64)}
+        if kv_new is not None:
+            rd = self.kv // kv_new * self.d
+            self.acc["kcov"] = torch.zeros(self.d // 2, self.kv, self.kv, dtype=torch.complex128)
+            self.acc["vcov"] = torch.zeros(kv_new, rd, rd, dtype=torch.float64)
+
+    def attach(self, attn: nn.Module) -> list:
+        def add(kind):
+            def hook(m, args, out):  # returns None: a value would replace the output
+                x, half = out.detach().double(), self.d // 2
+                if kind == "q":
+                    self.acc["energy"].add_(x.reshape(-1, self.H, self.d).pow(2).sum(0).cpu())
+                elif kind == "k":
+                    x = x.reshape(-1, self.kv, self.d)
+                    z = torch.complex(x[..., :half], x[..., half:])
+                    self.acc["kcov"].add_(torch.einsum("nhj,ngj->jhg", z, z.conj()).cpu())
+                else:
+                    v = x.reshape(-1, self.kv_new, self.kv // self.kv_new * self.d)
+                    self.acc["vcov"].add_(torch.einsum("ngx,ngy->gxy", v, v).cpu())
+            return hook
+
+        kinds = "qkv" if self.kv_new is not None else "q"
+        return [getattr(attn, f"{kind}_proj").register_forward_hook(add(kind)) for kind in kinds]
+
+    def result(self, tokens: int) -> dict[str, torch.Tensor]:
+        e, half = self.acc["energy"], self.d // 2
+        pairs = e[:, :half] + e[:, half:]                       # (H, d/2): RoPE rotates j with j + d/2
+        out = {k: v / tokens for k, v in self.acc.items()}
+        out["energy"] = pairs.reshape(self.kv, self.H // self.kv, half).sum(1) / tokens
+        return out
 
 
-def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, kv_new: int | None = None,
-                  layers: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Per layer (``layers``, default all), on ``blocks``: ``energy`` (kv heads, d / 2), E[q_j^2 + q_(j+d/2)^2]
-    summed over the query heads of each KV head; with ``kv_new`` (the pca merge) also ``kcov`` (d / 2, kv, kv),
-    E[z z^H] of the keys' RoPE pairs as complex numbers, and ``vcov`` (kv_new, r d, r d), E[v v^T] of each
-    merged group's stacked value heads. The forward stops after the last layer asked for."""
-    from compress.models import head_dim
-
-    cfg = model.config
-    H, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
-    half = d // 2
-    layers = list(range(cfg.num_hidden_layers)) if layers is None else layers
-    acc = {l: {"energy": torch.zeros(H, d, dtype=torch.float64)} for l in layers}
-    if kv_new is not None:
-        for a in acc.values():
-            a["kcov"] = torch.zeros(half, kv, kv, dtype=torch.complex128)
-            a["vcov"] = torch.zeros(kv_new, kv // kv_new * d, kv // kv_new * d, dtype=torch.float64)
-
-    def hook(l, kind):
-        def add(m, args, out):  # returns None: a value would replace the output
-            x = out.detach().double()
-            if kind == "q":
-                acc[l]["energy"].add_(x.reshape(-1, H, d).pow(2).sum(0).cpu())
-            elif kind == "k":
-                x = x.reshape(-1, kv, d)
-                z = torch.complex(x[..., :half], x[..., half:])
-                acc[l]["kcov"].add_(torch.einsum("nhj,ngj->jhg", z, z.conj()).cpu())
-            else:
-                v = x.reshape(-1, kv_new, kv // kv_new * d)
-                acc[l]["vcov"].add_(torch.einsum("ngx,ngy->gxy", v, v).cpu())
-        return add
-
-    def stop(m, args):
-        raise _Stop
-
-    kinds = "qkv" if kv_new is not None else "q"
-    attn = [model.model.layers[l].self_attn for l in layers]
-    hooks = [getattr(a, f"{kind}_proj").register_forward_hook(hook(l, kind)) for l, a in zip(layers, attn)
-             for kind in kinds]
-    hooks.append(attn[layers.index(max(layers))].o_proj.register_forward_pre_hook(stop))
+@torch.no_grad()
+def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+                  kv_new: int | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: ``KvStatistics`` result} of every layer on ``blocks``, in one pass of the unchanged model."""
+    stats = {l: KvStatistics(model.config, kv_new) for l in range(model.config.num_hidden_layers)}
+    hooks = [h for l, st in stats.items() for h in st.attach(model.model.layers[l].self_attn)]
     try:
-        with torch.no_grad():
-            for s in range(0, len(blocks), batch_size):
-                try:
-                    model(input_ids=blocks[s:s + batch_size])
-                except _Stop:
-                    pass
+        for s in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[s:s + batch_size])
     finally:
         for h in hooks:
             h.remove()
-    n = blocks.numel()
-    for a in acc.values():
-        e = a["energy"]
-        pairs = e[:, :half] + e[:, half:]                       # (H, d/2): RoPE rotates j with j + d/2
-        a["energy"] = pairs.reshape(kv, H // kv, half).sum(1) / n
-        for key in ("kcov", "vcov"):
-            if key in a:
-                a[key] = a[key] / n
-    return acc
+    return {l: st.result(blocks.numel()) for l, st in stats.items()}
 
 
 @torch.no_grad()
 def sequential_pca_state(model: nn.Module, blocks: torch.Tensor, batch_size: int, kv_new: int) -> dict:
-    """The pca merge layer by layer, each layer's statistics read with the layers before it already merged
-    (as GPTQ does), so a layer's merge sees the inputs it will get; the model is left as it was.
+    """The pca merge layer by layer (``compress.gptq.each_layer``, as GPTQ runs), each layer's statistics
+    read on the inputs the merged layers before it give; the model is left as it was.
 
     A merged layer runs inside the old architecture: each old KV head holds its group's merged head and
     q_proj/o_proj their rewritten weights, which computes exactly what the GQA layer computes."""
+    from compress.gptq import each_layer
+
     cfg, kv_old = model.config, model.config.num_key_value_heads
     r = kv_old // kv_new
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -116,19 +110,28 @@ def sequential_pca_state(model: nn.Module, blocks: torch.Tensor, batch_size: int
     saved = [{n: {k: t.detach().to("cpu", copy=True) for k, t in getattr(a, n).state_dict().items()} for n in names}
              for a in attn]  # on the host: a GPU holds the model, not a second copy of its attention
     merged = {}
+
+    def step(l, layer, run, tokens):
+        a, stats = layer.self_attn, KvStatistics(cfg, kv_new)
+        hooks = stats.attach(a)
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        p = f"model.layers.{l}.self_attn."
+        part = {f"{p}{n}.{k}": t for n in names for k, t in getattr(a, n).state_dict().items()}
+        new = merge_state_pca(part, cfg, kv_new, {l: stats.result(tokens)}, layers=[l])
+        merged.update(new)
+        for n in names:  # run the merged layer in the old shape: each old head holds its group's merged head
+            for k in getattr(a, n).state_dict():
+                t = new[f"{p}{n}.{k}"]
+                if n in ("k_proj", "v_proj"):
+                    t = t.reshape(kv_new, -1, *t.shape[1:]).repeat_interleave(r, 0).reshape(-1, *t.shape[1:])
+                getattr(getattr(a, n), k).copy_(t)
+
     try:
-        for l, a in enumerate(attn):
-            stats = kv_statistics(model, blocks, batch_size, kv_new, layers=[l])
-            p = f"model.layers.{l}.self_attn."
-            part = {f"{p}{n}.{k}": t for n in names for k, t in getattr(a, n).state_dict().items()}
-            new = merge_state_pca(part, cfg, kv_new, stats, layers=[l])
-            merged.update(new)
-            for n in names:  # run the merged layer in the old shape: each old head holds its group's merged head
-                for k in getattr(a, n).state_dict():
-                    t = new[f"{p}{n}.{k}"]
-                    if n in ("k_proj", "v_proj"):
-                        t = t.reshape(kv_new, -1, *t.shape[1:]).repeat_interleave(r, 0).reshape(-1, *t.shape[1:])
-                    getattr(getattr(a, n), k).copy_(t)
+        each_layer(model, blocks, step, batch_size)
     finally:
         for a, orig in zip(attn, saved):
             for n in names:
