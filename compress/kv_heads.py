@@ -137,8 +137,8 @@ def pca_key_codes(energy: torch.Tensor, kcov: torch.Tensor, kv_new: int) -> tupl
         C = kcov[:, hs, hs].to(torch.complex128)                       # (half, r, r)
         vals, vecs = torch.linalg.eigh(s[:, :, None] * C * s[:, None, :])
         u = vecs[..., -1]                                              # (half, r), unit, top eigenvalue
-        lead = u.abs().argmax(1, keepdim=True)                         # a deterministic phase: lead entry real > 0
-        u = u * (u.gather(1, lead).conj() / u.gather(1, lead).abs().clamp_min(1e-30))
+        lead = u.gather(1, u.abs().argmax(1, keepdim=True))            # a deterministic phase: lead entry real > 0
+        u = u * (lead.conj() / lead.abs().clamp_min(1e-30))
         # scale z' to the group's mean key energy (E|z'|^2 = top eigenvalue before scaling)
         alpha = (C.diagonal(dim1=1, dim2=2).real.mean(1) / vals[:, -1].clamp_min(1e-30)).sqrt()[:, None]
         enc[hs] = (u.conj() * s * alpha).T
@@ -176,8 +176,7 @@ def pca_value_codes(o_proj: torch.Tensor, vcov: torch.Tensor, heads: int, kv_old
         p = U[:, -d:].T @ Mh                                                           # (d, r d)
         cov = p @ S @ p.T
         t = (S.diagonal().mean() / cov.diagonal().clamp_min(1e-30)).sqrt()             # v' at the old scale
-        p = t[:, None] * p
-        cov = p @ S @ p.T
+        p, cov = t[:, None] * p, t[:, None] * cov * t[None, :]
         P[g] = p
         B[g] = S @ p.T @ torch.linalg.inv(cov + ridge * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype))
     return P, B
@@ -188,14 +187,14 @@ def merge_vo_pca(wv: torch.Tensor, wo: torch.Tensor | None, P: torch.Tensor, B: 
     """v_proj weight (kv_old d, hidden) or bias (kv_old d,), and o_proj (hidden, heads d) or None ->
     (v' (kv_new d, ...), o' (hidden, heads d) or None)."""
     kv_new, d, rd = P.shape
-    r, per = kv_old // kv_new, heads // kv_old
     V = wv.double().reshape(kv_new, rd, *wv.shape[1:])
     v_new = torch.einsum("gdx,gx...->gd...", P, V).reshape(-1, *wv.shape[1:]).to(wv.dtype)
     if wo is None:
         return v_new, None
     O = wo.double().reshape(wo.shape[0], heads, d)
-    cols = [O[:, i] @ B[(i // per) // r, ((i // per) % r) * d:((i // per) % r + 1) * d] for i in range(heads)]
-    return v_new, torch.stack(cols, 1).reshape(wo.shape).to(wo.dtype)
+    # B's rows hold each group's r old heads in order; query head i reads its old head i // (heads / kv_old)
+    B_query = B.reshape(kv_old, d, d).repeat_interleave(heads // kv_old, 0)      # (heads, d, d)
+    return v_new, torch.einsum("xid,ide->xie", O, B_query).reshape(wo.shape).to(wo.dtype)
 
 
 def merge_state_pca(state: dict[str, torch.Tensor], cfg, kv_new: int, stats: dict[int, dict],
