@@ -97,8 +97,11 @@ def kill_at_checkpoint(cmd: list[str], ckpts: Path, step: int, timeout: float = 
     deadline = time.time() + timeout
     while (latest_step(ckpts) or 0) < step:
         if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
             why = "the run ended before it could be killed" if proc.poll() is not None else "no checkpoint appeared"
+            if proc.poll() is None:  # do not leave it running past the test
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.seek(0)
             raise AssertionError(f"{why}; its output ends with:\n{log.read()[-4000:]}")
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
