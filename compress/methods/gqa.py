@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress.calibration import each_layer
 from compress.errors import CompressError
 from compress.kv_heads import check_kv_heads, kv_bytes_per_token, merge_state, merge_state_pca
 from compress.stages import StageConfig, StageMethod, earlier_stage, register
@@ -96,13 +97,11 @@ def kv_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
 
 @torch.no_grad()
 def sequential_pca_state(model: nn.Module, blocks: torch.Tensor, batch_size: int, kv_new: int) -> dict:
-    """The pca merge layer by layer (``compress.gptq.each_layer``, as GPTQ runs), each layer's statistics
+    """The pca merge layer by layer (``compress.calibration.each_layer``, as GPTQ runs), each layer's statistics
     read on the inputs the merged layers before it give; the model is left as it was.
 
     A merged layer runs inside the old architecture: each old KV head holds its group's merged head and
     q_proj/o_proj their rewritten weights, which computes exactly what the GQA layer computes."""
-    from compress.gptq import each_layer
-
     cfg, kv_old = model.config, model.config.num_key_value_heads
     r = kv_old // kv_new
     names = ("q_proj", "k_proj", "v_proj", "o_proj")

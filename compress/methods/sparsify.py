@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.errors import CompressError
-from compress.gptq import layerwise
+from compress.calibration import layerwise
 from compress.modelio import register_module
 from compress.sparsity import pack_24, parse_pattern, score_mask, sparsegpt
 from compress.stages import StageConfig, StageMethod, earlier_stage, register
