@@ -5,11 +5,12 @@ the decode speed it buys.
     .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,pca,mean_kd,weighted_kd,pca_kd] [--seeds 0,1,2]
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
-the teacher, a `gqa` stage (num_key_value_heads: 1) and, for `*_kd` arms, a `distill` stage of
-150 steps x 8 x 128 tokens at lr 5e-5 (the QAT and sparsity benchmarks' budget). Metrics against
-the teacher on held-out Python docs; KV-cache bytes per token (bf16) before and after; and the
-decode speed ratio: greedy tokens/s of the converted export vs the teacher at a long context
-(CPU, fp32, the same prompt, measured in this run). Goal (issue 16): <= 1.05x the teacher's
+the teacher, a `gqa` stage (num_key_value_heads: 1) and, for `*_kd` arms, a `distill` stage of 150
+steps x 8 x 128 tokens (the QAT and sparsity benchmarks' budget) at lr 1e-3: the weighted merge + KD
+ended at 8.5x the teacher's perplexity at lr 5e-5 and at 1.75x at 1e-3 (results/gqa_cpu*.md).
+Metrics against the teacher on held-out Python docs; KV-cache bytes per token (bf16) before and
+after; and the decode speed ratio: greedy tokens/s of the converted export vs the teacher at a long
+context (CPU, fp32, the same prompt, measured in this run). Goal (issue 16): <= 1.05x the teacher's
 perplexity with KV bytes / 3, claims only beyond the seed spread.
 """
 
@@ -24,7 +25,7 @@ from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_mar
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
-TRAIN = EQUAL_TOKENS
+TRAIN = [*EQUAL_TOKENS, "train.lr=1.0e-3"]  # the same tokens; the lr measured best here (docstring)
 TEACHER = "{init: teacher}"
 ARMS = {
     "mean": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}]"),
