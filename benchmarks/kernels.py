@@ -177,7 +177,7 @@ def bench_shape(n: int, k: int, m: int, roofline: float, tol: float = 3e-2) -> l
 
 
 def chosen_tiles(name: str) -> str:
-    """The autotuned config our kernel ran with last (BLOCK_M x N x K, GEMV mode, split, warps, stages)."""
+    """The autotuned config our kernel ran with last (BLOCK_M x N x K, split, warps, stages)."""
     from kernels import sparse24, wna16
 
     run = {"ours W4A16": wna16._wna16_run, "ours W8A16": wna16._wna16_run}.get(
@@ -186,7 +186,7 @@ def chosen_tiles(name: str) -> str:
     if cfg is None:
         return ""
     kw = cfg.kwargs
-    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} g{kw.get('GEMV_MODE', 0)} split{kw.get('SPLIT', '-')} "
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw.get('SPLIT', '-')} "
             f"w{cfg.num_warps} s{cfg.num_stages}")
 
 

@@ -73,13 +73,13 @@ def cases(m: int, n: int, k: int, dtype: torch.dtype, device: str, g: torch.Gene
     yield "2:4 x int4 g64", lambda cfg: triton_sparse24(x, codes, meta, scale, config=cfg), lambda: torch_sparse24(x, codes, meta, scale)
 
 
-def tile_variants(m: int, tuned: bool) -> list[tuple[str, dict | None]]:
+def tile_variants(m: int, tuned: bool, kernel: str) -> list[tuple[str, dict | None]]:
     """The tile configs each case runs under: the fixed one of its path (GEMV for M = 1, tl.dot
-    above), the same with K split over 3 programs, the GEMV's other mode, and on
-    CUDA with ``tuned`` the autotuned one."""
+    above), the same with K split over 3 programs, the 2:4 GEMV's other mode, and on CUDA with
+    ``tuned`` the autotuned one."""
     out = [("fixed", fixed_config(m)), ("split-K 3", fixed_config(m, 3))]
-    if m == 1:
-        out.append(("gemv mode 1", fixed_config(m, gemv_mode=1)))
+    if m == 1 and kernel.startswith("2:4"):
+        out.append(("gemv mode 1", fixed_config(m) | {"GEMV_MODE": 1}))
     return out + [("tuned", None)] if tuned else out
 
 
@@ -88,21 +88,21 @@ def run(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: str, out
     g = torch.Generator().manual_seed(0)
     failed = 0
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
-    out(f"{'kernel':<18} {'M x N x K':<16} {'tiles':<10} {'max abs err':>12} {'rel err':>10}  result")
+    out(f"{'kernel':<18} {'M x N x K':<16} {'tiles':<12} {'max abs err':>12} {'rel err':>10}  result")
     for m, n, k in shapes:
         for name, kernel, ref in cases(m, n, k, dtype, device, g):
             shape = f"{m}x{n}x{k}"
             if kernel is None:
-                out(f"{name:<18} {shape:<16} {'':<10} {'':>12} {'':>10}  skipped: {ref}")
+                out(f"{name:<18} {shape:<16} {'':<12} {'':>12} {'':>10}  skipped: {ref}")
                 continue
             want = ref().float()
-            for tiles, cfg in tile_variants(m, tuned):
+            for tiles, cfg in tile_variants(m, tuned, name):
                 got = kernel(cfg).float()
                 err = (got - want).abs().max().item()
                 rel = err / max(want.abs().max().item(), 1e-30)
                 ok = rel <= tol
                 failed += not ok
-                out(f"{name:<18} {shape:<16} {tiles:<10} {err:>12.3e} {rel:>10.2e}  {'ok' if ok else 'MISMATCH'}")
+                out(f"{name:<18} {shape:<16} {tiles:<12} {err:>12.3e} {rel:>10.2e}  {'ok' if ok else 'MISMATCH'}")
     out(f"{'all ok' if not failed else f'{failed} mismatch(es)'} (tolerance: relative {tol:.0e} for {dtype})")
     return 1 if failed else 0
 

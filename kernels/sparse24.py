@@ -12,15 +12,18 @@ Layout read (written by ``compress.sparsity.pack_24`` / the sparsify export, ``s
 
 Tiling as in ``kernels.tiles``, by units of 16 input columns: a unit is 8 kept values (one int32
 word of int4 codes) and 16 bits of metadata (the uint8 metadata read as int16), in which kept
-value u's position inside its group of 4 (group u // 2) is bits 2u..2u+1. int4 codes become
-floats without an int-to-float instruction (see ``kernels.tiles.codes_to_float``). M = 1 (GEMV)
-has two modes the autotuner picks from, both picking for each kept value the x of its own column
-from the four of its group by selects in registers (no dense tile, no gather from memory): by
-(BLOCK_N, units) slices of value u, with strided x loads, or by whole (BLOCK_N, groups, 2) tiles
-against the x tile read contiguously. M > 1: the dense (BLOCK_N, BLOCK_K) tile is built in
-registers and goes through one ``tl.dot``. Each K step reads half the weight bytes of the dense
-tile (a quarter with int4) plus 1/8 byte of metadata per weight: the win is in bytes moved,
-which is what decode is bound by.
+value u's position inside its group of 4 (group u // 2) is bits 2u..2u+1. The metadata is read as
+``pack_24`` writes it: the two positions of a group in increasing order. M = 1 (GEMV), two modes
+the autotuner picks from. Mode 0, by pairs of units: each thread takes two adjacent units of several
+rows (4 bytes of metadata, 32 of values or 8 of codes, 64 of x: all prefetched with cp.async), and
+picks each kept value's x without a select: the x of a position p in {0, 1, 2} is
+xa + b0 (xb - xa) + b1 (xc - xa), an FMA per metadata bit read in place as an fp32 denormal
+(``position_bit``). Mode 1, by tiles: one row a thread, x picked by selects (the earlier GEMV,
+fewer registers). int4 codes become floats without an int-to-float instruction (see
+``kernels.tiles.codes_to_float``). M > 1: the dense (BLOCK_N, BLOCK_K) tile is built in registers
+and goes through one ``tl.dot``. Each K step reads half the weight bytes of the dense tile (a
+quarter with int4) plus 1/8 byte of metadata per weight: the win is in bytes moved, which is what
+decode is bound by.
 
 Three names, in one place: ``triton_sparse24`` (host), ``_sparse24_kernel`` (jit), ``torch_sparse24`` (reference).
 """
@@ -34,7 +37,7 @@ from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 if triton is not None:
     import triton.language as tl
 
-    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, store_tile
+    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, pow2, store_tile
 
 
 def expand(values_or_codes: torch.Tensor, meta: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,18 +85,91 @@ def check(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor, sc
 
 if triton is not None:
     @triton.jit
-    def _kept(v_ptr, words, offs_n, ui, u_ok, stride_vn, u: tl.constexpr, INT4: tl.constexpr):
-        """Kept value u (of 8) of every 16-column unit: (BLOCK_N, UNITS) fp32 (int4 codes unscaled)."""
+    def _quarters(t):
+        """(..., 2, 2) -> its four (...) slices in the order 2a + b of the last two indices."""
+        lo, hi = tl.split(t)
+        q0, q2 = tl.split(lo)
+        q1, q3 = tl.split(hi)
+        return q0, q1, q2, q3
+
+    @triton.jit
+    def _group_term(part, meta, h: tl.constexpr, va, vb, xa, xb, xc, xd):
+        """part + group h's two kept values of every unit times the x of their columns, scaled by 2^-64:
+        the first sits at 0, 1 or 2, so its x is xa + b0 (xb - xa) + b1 (xc - xa) for its position bits b0,
+        b1; the second sits at 1, 2 or 3: (xb + xc - xd) + b1 (xd - xb) + b0 (xd - xc). A bit is taken in
+        place as an fp32 denormal (``position_bit``) against its coefficient times 2^(85 - bit)."""
+        xs_a = ((xa * pow2(-64))[None] + position_bit(meta, 4 * h) * ((xb - xa) * pow2(85 - 4 * h))[None]
+                + position_bit(meta, 4 * h + 1) * ((xc - xa) * pow2(84 - 4 * h))[None])
+        xs_b = (((xb + xc - xd) * pow2(-64))[None] + position_bit(meta, 4 * h + 3) * ((xd - xb) * pow2(82 - 4 * h))[None]
+                + position_bit(meta, 4 * h + 2) * ((xd - xc) * pow2(83 - 4 * h))[None])
+        return part + va * xs_a + vb * xs_b
+
+    @triton.jit
+    def _gemv_pairs(acc_p, x_ptr, v_ptr, meta_ptr, s_ptr, k0, pid_m, offs_n, n_ok, K, G_COUNT,
+                    stride_xm, stride_vn, stride_mn, stride_sn,
+                    INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One K tile of the GEMV, by pairs of units: each thread takes two adjacent units (4 bytes of
+        metadata, 8 of int4 codes or 32 of values, 64 of x: loads of 4 bytes or more, so Triton prefetches
+        them all with cp.async) of several rows; pairs are visited in a scrambled order inside the tile (no
+        two adjacent), so Triton spreads threads over pairs and repeats over rows, and each thread's x
+        serves all its rows."""
+        PAIRS: tl.constexpr = BLOCK_K // 32
+        pi = (tl.arange(0, PAIRS) * 3) & (PAIRS - 1)
+        ui = k0 // 16 + 2 * pi[:, None] + tl.arange(0, 2)[None, :]  # (PAIRS, 2) unit numbers
+        u_in = ui < K // 16
+        u_ok = n_ok[:, None, None] & u_in[None, :, :]
+        rows = offs_n[:, None, None]
+        meta = tl.load(meta_ptr + rows * stride_mn + ui[None, :, :], mask=u_ok, other=0).to(tl.int32)
+        xt = tl.load(x_ptr + pid_m * stride_xm + (ui * 16)[:, :, None] + tl.arange(0, 16)[None, None, :],
+                     mask=u_in[:, :, None], other=0.0).to(tl.float32)
+        c0, c1, c2, c3 = _quarters(tl.reshape(xt, (PAIRS, 2, 2, 2, 2, 2)))  # column 4h + c, h = 2a + b
+        xa0, xa1, xa2, xa3 = _quarters(c0)
+        xb0, xb1, xb2, xb3 = _quarters(c1)
+        xc0, xc1, xc2, xc3 = _quarters(c2)
+        xd0, xd1, xd2, xd3 = _quarters(c3)
+        part = tl.zeros((BLOCK_N, PAIRS, 2), dtype=tl.float32)
         if INT4:
-            return codes_to_float((words >> (4 * u)) & 0xF, 8.0)
-        return tl.load(v_ptr + offs_n[:, None] * stride_vn + (ui * 8 + u)[None, :], mask=u_ok, other=0.0).to(tl.float32)
+            words = tl.load(v_ptr + rows * stride_vn + ui[None, :, :], mask=u_ok, other=0)
+            if GROUP >= BLOCK_K:
+                s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+                s = s.to(tl.float32)[:, None, None]
+            else:
+                g = (ui * 16) // GROUP
+                s = tl.load(s_ptr + rows * stride_sn + g[None, :, :],
+                            mask=n_ok[:, None, None] & (g < G_COUNT)[None, :, :],
+                            other=0.0).to(tl.float32)
+            part = _group_term(part, meta, 0, codes_to_float(words & 0xF, 8.0), codes_to_float((words >> 4) & 0xF, 8.0),
+                               xa0, xb0, xc0, xd0)
+            part = _group_term(part, meta, 1, codes_to_float((words >> 8) & 0xF, 8.0),
+                               codes_to_float((words >> 12) & 0xF, 8.0), xa1, xb1, xc1, xd1)
+            part = _group_term(part, meta, 2, codes_to_float((words >> 16) & 0xF, 8.0),
+                               codes_to_float((words >> 20) & 0xF, 8.0), xa2, xb2, xc2, xd2)
+            part = _group_term(part, meta, 3, codes_to_float((words >> 24) & 0xF, 8.0),
+                               codes_to_float((words >> 28) & 0xF, 8.0), xa3, xb3, xc3, xd3)
+            return acc_p + part * pow2(64) * s
+        else:
+            v = tl.load(v_ptr + rows[:, :, :, None] * stride_vn + (ui * 8)[None, :, :, None]
+                        + tl.arange(0, 8)[None, None, None, :], mask=u_ok[:, :, :, None], other=0.0).to(tl.float32)
+            t0, t1 = tl.split(tl.reshape(v, (BLOCK_N, PAIRS, 2, 2, 2, 2)))  # kept value u = 4a + 2b + c
+            v0, v2, v4, v6 = _quarters(t0)
+            v1, v3, v5, v7 = _quarters(t1)
+            part = _group_term(part, meta, 0, v0, v1, xa0, xb0, xc0, xd0)
+            part = _group_term(part, meta, 1, v2, v3, xa1, xb1, xc1, xd1)
+            part = _group_term(part, meta, 2, v4, v5, xa2, xb2, xc2, xd2)
+            part = _group_term(part, meta, 3, v6, v7, xa3, xb3, xc3, xd3)
+            return acc_p + part * pow2(64)
+
+    @triton.jit
+    def position_bit(meta, k: tl.constexpr):
+        """Bit k (< 16) of the metadata, in place, as an fp32: 0 or the denormal 2^(k - 149)."""
+        return (meta & (1 << k)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                          stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ys,
                          INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV_MODE: tl.constexpr,
-                         LOOP_STAGES: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         LOOP_STAGES: tl.constexpr, GEMV_MODE: tl.constexpr = 0):
         UNITS: tl.constexpr = BLOCK_K // 16  # a unit: 16 input columns, 8 kept values, 16 bits of metadata
         HALF: tl.constexpr = BLOCK_K // 2
         QUADS: tl.constexpr = BLOCK_K // 4
@@ -104,33 +180,24 @@ if triton is not None:
         n_ok = offs_n < N
         k_lo, k_hi = k_range(pid_k, K, SPLIT, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)    # GEMM
-        acc_u = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)  # GEMV: one partial sum per unit slot, reduced at the end
+        acc_u = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)  # GEMV mode 1: a partial sum per unit slot
+        acc_p = tl.zeros((BLOCK_N, BLOCK_K // 32, 2), dtype=tl.float32)  # GEMV mode 0: per unit of a pair
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):  # GEMV loads prefetched (cp.async)
-            ui = k0 // 16 + tl.arange(0, UNITS)
-            cols = ui * 16
-            u_ok = n_ok[:, None] & (ui[None, :] < K // 16)
-            # kept value u of a unit sits in its group of 4 number u // 2, at position (meta >> 2u) & 3
-            meta = tl.load(meta_ptr + offs_n[:, None] * stride_mn + ui[None, :], mask=u_ok, other=0).to(tl.int32)
-            words = meta  # (unused unless INT4)
-            s = tl.full((BLOCK_N, 1), 1.0, tl.float32)
-            if INT4:
-                words = tl.load(v_ptr + offs_n[:, None] * stride_vn + ui[None, :], mask=u_ok, other=0)
-                scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
-                s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
             if BLOCK_M == 1 and GEMV_MODE == 0:
-                # GEMV by slices: value u of every unit meets the x of its own column, picked by selects
-                part = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)
-                for h in tl.static_range(4):
-                    xa = load_x(x_ptr, offs_m, cols + 4 * h, M, K, stride_xm).to(tl.float32)
-                    xb = load_x(x_ptr, offs_m, cols + 4 * h + 1, M, K, stride_xm).to(tl.float32)
-                    xc = load_x(x_ptr, offs_m, cols + 4 * h + 2, M, K, stride_xm).to(tl.float32)
-                    xd = load_x(x_ptr, offs_m, cols + 4 * h + 3, M, K, stride_xm).to(tl.float32)
-                    for j in tl.static_range(2):
-                        pos = (meta >> (4 * h + 2 * j)) & 3
-                        xs = tl.where(pos == 0, xa, tl.where(pos == 1, xb, tl.where(pos == 2, xc, xd)))
-                        part += _kept(v_ptr, words, offs_n, ui, u_ok, stride_vn, 2 * h + j, INT4) * xs
-                acc_u += part * s
+                acc_p = _gemv_pairs(acc_p, x_ptr, v_ptr, meta_ptr, s_ptr, k0, pid_m, offs_n, n_ok, K, G_COUNT,
+                                    stride_xm, stride_vn, stride_mn, stride_sn, INT4, GROUP, BLOCK_N, BLOCK_K)
             else:
+                ui = k0 // 16 + tl.arange(0, UNITS)
+                cols = ui * 16
+                u_ok = n_ok[:, None] & (ui[None, :] < K // 16)
+                # kept value u of a unit sits in its group of 4 number u // 2, at position (meta >> 2u) & 3
+                meta = tl.load(meta_ptr + offs_n[:, None] * stride_mn + ui[None, :], mask=u_ok, other=0).to(tl.int32)
+                words = meta  # (unused unless INT4)
+                s = tl.full((BLOCK_N, 1), 1.0, tl.float32)
+                if INT4:
+                    words = tl.load(v_ptr + offs_n[:, None] * stride_vn + ui[None, :], mask=u_ok, other=0)
+                    scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
+                    s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
                 # the tile's kept values (BLOCK_N, QUADS, 2) in stored order and their positions in the group
                 if INT4:
                     u3 = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
@@ -144,7 +211,7 @@ if triton is not None:
                 pos = (nib[:, :, None] >> (tl.arange(0, 2) * 2)[None, None, :]) & 3
                 x = load_x(x_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm)
                 if BLOCK_M == 1:
-                    # GEMV by tiles: each value against the x of its column, picked from its group's 4 by selects
+                    # GEMV mode 1, by tiles: each value against the x of its column, picked by selects
                     even, odd = tl.split(tl.reshape(x.to(tl.float32), (QUADS, 2, 2)))  # columns {0, 2}, {1, 3}
                     x0, x2 = tl.split(even)
                     x1, x3 = tl.split(odd)
@@ -160,17 +227,26 @@ if triton is not None:
                     dense = tl.where(p0[:, :, None] == r, v0[:, :, None],
                                      tl.where(p1[:, :, None] == r, v1[:, :, None], 0.0))
                     if INT4 and not ONE_GROUP:
-                        dense = tl.reshape(tl.reshape(dense, (BLOCK_N, UNITS, 16)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+                        dense = tl.reshape(tl.reshape(dense, (BLOCK_N, UNITS, 16)) * s[:, :, None],
+                                           (BLOCK_N, BLOCK_K))
                     w = tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(x.dtype)
                     if INT4 and ONE_GROUP:
                         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * tl.trans(s)
                     else:
                         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if BLOCK_M == 1:
-            acc = tl.reshape(tl.sum(acc_u, axis=1), (1, BLOCK_N))
+            if GEMV_MODE == 0:
+                acc = tl.reshape(tl.sum(tl.sum(acc_p, axis=2), axis=1), (1, BLOCK_N))
+            else:
+                acc = tl.reshape(tl.sum(acc_u, axis=1), (1, BLOCK_N))
         store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
 
-    _sparse24_run = tuned(_sparse24_kernel, ["INT4"], gemv_modes=(0, 1))
+    # GEMV tiles. Mode 0 (pairs of units, everything prefetched): 2 units a thread of 2 to 8 rows.
+    # Mode 1 (by tiles, one row a thread, selects): the GEMV measured at 1.05x bf16 on an H200 before.
+    _sparse24_run = tuned(_sparse24_kernel, ["INT4"],
+                          gemv_tiles=((64, 128, 2), (128, 128, 4), (128, 64, 2), (64, 256, 4),
+                                      (16, 256, 4, {"GEMV_MODE": 1}), (8, 512, 4, {"GEMV_MODE": 1}),
+                                      (32, 128, 4, {"GEMV_MODE": 1})))
 
 
 def triton_sparse24(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor,

@@ -4,22 +4,24 @@ to floats, the store).
 
 Two paths, chosen by BLOCK_M:
     BLOCK_M == 1   GEMV (one token a row of x): the weight tile times x, summed along K in
-                   registers; no tensor cores, nothing padded to 16 rows. Two modes (GEMV_MODE),
-                   which the autotuner picks between per kernel and shape.
+                   registers; no tensor cores, nothing padded to 16 rows. x is read as 1-D slices,
+                   once per thread for all the rows the thread holds (a tile of more rows than
+                   threads reuses each x value that many times).
     BLOCK_M >= 16  GEMM: one ``tl.dot`` a tile in x's dtype with an fp32 accumulator.
 Scales multiply a tile's partial sums when the tile lies inside one group, each word's (or unit's)
 values otherwise. Group sizes are powers of two, so a tile either lies inside one group or holds
 whole groups; one scale per row is passed as ``PER_ROW`` (a group longer than any K). The jit
 pieces: ``k_range`` (a program's share of K), ``load_x``, ``load_per_group`` (scales, zero
 points), ``codes_to_float`` (integer codes to floats without an int-to-float instruction) and
-``store_tile``.
+``store_tile``; ``denormal_code`` and ``pow2`` (a code as an exact fp32 denormal, for the GEMV's
+AND-and-FMA-a-value loop).
 
 The K loop is ``tl.range(..., num_stages=LOOP_STAGES)``: without it Triton pipelines only loads
 that feed a ``tl.dot``, so the GEMV's weight loads waited one by one (no cp.async in its PTX); with
 it they are prefetched LOOP_STAGES - 1 tiles ahead (``scripts/kernel_ptx.py`` counts the cp.async).
 
 Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
-``sum`` on the host (the autotuner chooses SPLIT among 1, 4 and 8; a fixed config gets
+``sum`` on the host (the autotuner chooses SPLIT among 4, 8 and 16 at M = 1, 1 and 4 up to M = 16; a fixed config gets
 ``choose_split``'s, which splits only where N alone gives too few programs); a prefill tile
 stores its finished tile in x's dtype.
 
@@ -42,7 +44,7 @@ except ImportError:  # pragma: no cover - the reference paths still work
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_SPLIT = 8
+MAX_SPLIT = 16
 PER_ROW = 1 << 30  # the GROUP constexpr for one scale per row: longer than any K
 
 
@@ -73,33 +75,33 @@ def choose_split(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLIT, -(-sms // programs), k // 256))
 
 
-def fixed_config(m: int, split: int | None = None, gemv_mode: int = 0) -> dict:
+def fixed_config(m: int, split: int | None = None) -> dict:
     """One config per path: what the interpreter runs, and what ``config=`` defaults build on."""
     cfg = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64} if m == 1 else {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
-    cfg["GEMV_MODE"], cfg["LOOP_STAGES"] = gemv_mode, 3
+    cfg["LOOP_STAGES"] = 3
     if split is not None:
         cfg["SPLIT"] = split
     return cfg
 
 
-def cuda_configs(gemv_modes: tuple[int, ...] = (0,)) -> list:
-    """Autotuning candidates. Decode (M <= 16) tiles come with K split 1, 4 or 8 ways: more
-    programs than N / BLOCK_N keep more loads in flight (measured before the K loop was
-    pipelined: a 4096-row int4 GEMV was latency-bound at ~2 programs an SM). GEMV tiles are tried
-    in each GEMV_MODE the kernel has. Prefill tiles: no split. LOOP_STAGES = num_stages."""
+def cuda_configs(gemv_tiles: tuple) -> list:
+    """Autotuning candidates. GEMV (M = 1): the kernel's own (BLOCK_N, BLOCK_K, warps[, constexprs]) tiles, chosen
+    so that each thread holds several rows and reuses the x it loads (measured on an H200: with one
+    row a thread, x's loads and conversions were half the loop), K split 4, 8 or 16 ways so that
+    a few hundred programs keep loads in flight however few BLOCK_N rows N has. Small decode
+    batches (M <= 16): tl.dot tiles with split 1 or 4. Prefill: no split. LOOP_STAGES = num_stages."""
     c = []
-    for bn, bk, warps, stages in ((8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4), (32, 128, 4, 3)):
-        for mode in gemv_modes:
-            for split in (1, 4, 8):
-                c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": mode, "SPLIT": split,
-                                        "LOOP_STAGES": stages}, num_warps=warps, num_stages=stages))
+    for bn, bk, warps, *extra in gemv_tiles:
+        for split in (4, 8, 16):
+            c.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "LOOP_STAGES": 3,
+                                    **(extra[0] if extra else {})}, num_warps=warps, num_stages=3))
     for bn, bk in ((32, 128), (64, 128), (32, 256)):
         for split in (1, 4):
-            c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": split,
-                                    "LOOP_STAGES": 3}, num_warps=4, num_stages=3))
+            c.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "LOOP_STAGES": 3},
+                                   num_warps=4, num_stages=3))
     for bm, bn, bk, warps in ((64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (32, 64, 128, 4)):
-        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV_MODE": 0, "SPLIT": 1,
-                                "LOOP_STAGES": 3}, num_warps=warps, num_stages=3))
+        c.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": 1, "LOOP_STAGES": 3},
+                               num_warps=warps, num_stages=3))
     return c
 
 
@@ -114,14 +116,15 @@ def _bench(fn, quantiles=None, **kwargs):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def tuned(kernel, consts: list[str], gemv_modes: tuple[int, ...] = (0,)):
-    """The autotuned kernel on CUDA (keyed by M bucket, N, K, the dtypes and ``consts``; the GEMV
-    tiles tried in each of ``gemv_modes``); the plain one in the interpreter."""
+def tuned(kernel, consts: list[str], gemv_tiles: tuple):
+    """The autotuned kernel on CUDA (keyed by M bucket, N, K, the dtypes and ``consts``; GEMV tiles
+    ``gemv_tiles``, each (BLOCK_N, BLOCK_K, warps) or (..., {constexpr: value}) for a kernel's own GEMV
+    variants); the plain one in the interpreter."""
     if INTERPRET:
         return kernel
     import triton.testing  # noqa: F401 - _bench needs it
 
-    return triton.autotune(configs=cuda_configs(gemv_modes), key=["M_BUCKET", "N", "K", "GROUP", *consts],
+    return triton.autotune(configs=cuda_configs(gemv_tiles), key=["M_BUCKET", "N", "K", "GROUP", *consts],
                            do_bench=_bench,
                            prune_configs_by={"early_config_prune": prune_by_m})(kernel)
 
@@ -193,6 +196,19 @@ if triton is not None:
         as fp32, without an int-to-float conversion (a slow instruction): u's bits under the exponent
         of 2^23 make the float 2^23 + u exactly."""
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+
+    @triton.jit
+    def pow2(e: tl.constexpr):
+        """2^e as an fp32 constant (-126 <= e <= 127), built from its bits."""
+        return tl.full((), (e + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def denormal_code(words, P: tl.constexpr, BITS: tl.constexpr):
+        """The code u (unsigned, BITS wide) at bit P (P + BITS <= 23) of each word as the fp32 denormal
+        u * 2^(P - 149): one AND that keeps its bits in place, nothing else. Exact, and an FMA takes
+        denormals at full rate (Triton's fp32 arithmetic does not flush them to zero): multiplied by
+        x * 2^(85 - P), it gives u * x * 2^-64, a normal float."""
+        return (words & (((1 << BITS) - 1) << P)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys):

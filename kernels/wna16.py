@@ -10,14 +10,18 @@ Layout read (compressed-tensors ``pack-quantized``, what our QAT/PTQ exports wri
 
 Tiling (``kernels.tiles``): one program computes a (BLOCK_M, BLOCK_N) tile of y over its share of
 K. Each K step loads the (BLOCK_N, BLOCK_K / P) packed words once (rows contiguous, so the loads
-coalesce) and unpacks their P values in registers with shifts and masks; the codes become floats
-by placing their bits under the exponent of 2^23 (no int-to-float instruction, which runs at a
-fraction of the FMA rate). M = 1 (GEMV) has two modes the autotuner picks from: value j of every
-word against the strided x slice x[:, j::P] (no reshape), or a (BLOCK_N, words, P) tile against
-x read contiguously; products are summed along K in registers, no tensor cores. M > 1: one
-``tl.dot`` a tile in x's dtype (the codes are exact integers there). Scales multiply a tile's
-partial sums when the tile lies in one group, each word's values otherwise; zero points come off
-the codes with the offset.
+coalesce) and unpacks their P values in registers. M = 1 (GEMV, no tensor cores): value j of every
+word against the strided x slice x[:, j::P], a 1-D load each thread makes once for all the rows it
+holds. A code is not unpacked at all: one AND keeps its bits in place and the word is read as an
+fp32 denormal u * 2^(p - 149) (exact; FMAs take denormals at full rate), against x scaled by
+2^(85 - p) on the x side, so a value costs an AND and an FMA (plus one shift a word for the values
+above bit 23); the offset and zero point come off once per word against its sum of x. Decode is
+bound by instructions per weight as much as by bytes: on an H200 the GEMV this replaced (12.8 SASS
+instructions a value, one x load each) ran int4 and int8 at the same ~1.6e12 values/s; this one is
+3.8 a value at 256 x 128 tiles (``scripts/kernel_ptx.py`` counts them without a GPU). M > 1: one
+``tl.dot`` a tile in x's dtype (the codes, put under the exponent of 2^23, are exact integers
+there). Scales multiply a tile's partial sums when the tile lies in one group, each word's values
+otherwise.
 
 Three names, in one place: ``triton_wna16`` (host), ``_wna16_kernel`` (jit), ``torch_wna16`` (reference).
 """
@@ -31,7 +35,7 @@ from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 if triton is not None:
     import triton.language as tl
 
-    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, store_tile
+    from kernels.tiles import codes_to_float, denormal_code, k_range, load_per_group, load_x, pow2, store_tile
 
 BITS = (4, 8)
 
@@ -84,14 +88,28 @@ def check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torc
 
 if triton is not None:
     @triton.jit
+    def _term(words, high, xj, j: tl.constexpr, BITS: tl.constexpr, part):
+        """part + value j of every word times its x slice xj, scaled by 2^-64 (one FMA a value): the code
+        as an fp32 denormal in place (``denormal_code``; from the shifted word past the first IN_PLACE)."""
+        IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1
+        HIGH_SHIFT: tl.constexpr = BITS * (32 // BITS - IN_PLACE)
+        if j < IN_PLACE:
+            return part + denormal_code(words, BITS * j, BITS) * (xj * pow2(85 - BITS * j))[None, :]
+        else:
+            x_scaled = xj * pow2(85 + HIGH_SHIFT - BITS * j)
+            return part + denormal_code(high, BITS * j - HIGH_SHIFT, BITS) * x_scaled[None, :]
+
+    @triton.jit
     def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GEMV_MODE: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                      LOOP_STAGES: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER
         ONE_GROUP: tl.constexpr = GROUP >= BLOCK_K  # a tile lies inside one group: scale its partial sums
+        IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1  # GEMV: values of a word that fit under bit 23
+        HIGH_SHIFT: tl.constexpr = BITS * (PER - IN_PLACE)  # and the shift that brings the rest there
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,41 +122,76 @@ if triton is not None:
             cols = wi * PER  # the first input column of each word
             words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :],
                             mask=n_ok[:, None] & (wi[None, :] < K // PER), other=0)
-            scols = k0 + tl.arange(0, 1) if ONE_GROUP else cols
-            s = load_per_group(s_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP).to(tl.float32)
+            if ONE_GROUP:  # one scale a row: a 1-D load, so the tile's layout follows the words'
+                s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            else:
+                s = load_per_group(s_ptr, offs_n, n_ok, cols, G_COUNT, stride_sn, GROUP).to(tl.float32)
             if HAS_ZERO:  # offset-binary, and the zero point, taken off the codes together (fp32)
-                zero = load_per_group(z_ptr, offs_n, n_ok, scols, G_COUNT, stride_sn, GROUP)
+                if ONE_GROUP:
+                    zero = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0)[:, None]
+                else:
+                    zero = load_per_group(z_ptr, offs_n, n_ok, cols, G_COUNT, stride_sn, GROUP)
                 off = zero.to(tl.float32) + (1 << (BITS - 1))
             else:
                 off = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
-            if BLOCK_M == 1 and GEMV_MODE == 0:
-                # GEMV, strided: value j of every word is input column cols + j, against the slice x[cols + j]
-                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-                for j in tl.static_range(PER):
-                    xj = load_x(x_ptr, offs_m, cols + j, M, K, stride_xm).to(tl.float32)
-                    part += codes_to_float((words >> (j * BITS)) & ((1 << BITS) - 1), off) * xj
-                acc_w += part * s
+            if BLOCK_M == 1:
+                # GEMV: value j of every word meets the strided x slice x[cols + j], loaded once as a 1-D
+                # vector and shared by all the tile's rows a thread holds. Code u comes out as an exact
+                # fp32 denormal by one AND (``denormal_code``), against x scaled by a power of two on
+                # the x side: a value costs an AND and an FMA. The offset and zero point come off once
+                # a word, against its sum of x.
+                x_ok = wi < K // PER
+                high = words >> HIGH_SHIFT  # the values past the first IN_PLACE, under bit 23 (one shift)
+                # x for the tile as (WORDS, PER): 16 contiguous bytes a word, so the load is pipelined
+                # (cp.async) with the weights', then split into the PER strided slices in registers
+                xt = tl.load(x_ptr + pid_m * stride_xm + cols[:, None] + tl.arange(0, PER)[None, :],
+                             mask=x_ok[:, None], other=0.0).to(tl.float32)
+                x_sum = tl.sum(xt, axis=1)
+                if PER == 8:  # xt[:, 4a + 2b + c] = x_abc
+                    t0, t1 = tl.split(tl.reshape(xt, (WORDS, 2, 2, 2)))
+                    t00, t01 = tl.split(t0)
+                    t10, t11 = tl.split(t1)
+                    x0, x4 = tl.split(t00)
+                    x2, x6 = tl.split(t01)
+                    x1, x5 = tl.split(t10)
+                    x3, x7 = tl.split(t11)
+                    part = _term(words, high, x0, 0, BITS, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
+                    part = _term(words, high, x1, 1, BITS, part)
+                    part = _term(words, high, x2, 2, BITS, part)
+                    part = _term(words, high, x3, 3, BITS, part)
+                    part = _term(words, high, x4, 4, BITS, part)
+                    part = _term(words, high, x5, 5, BITS, part)
+                    part = _term(words, high, x6, 6, BITS, part)
+                    part = _term(words, high, x7, 7, BITS, part)
+                else:  # PER == 4: xt[:, 2b + c] = x_bc
+                    t0, t1 = tl.split(tl.reshape(xt, (WORDS, 2, 2)))
+                    x0, x2 = tl.split(t0)
+                    x1, x3 = tl.split(t1)
+                    part = _term(words, high, x0, 0, BITS, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
+                    part = _term(words, high, x1, 1, BITS, part)
+                    part = _term(words, high, x2, 2, BITS, part)
+                    part = _term(words, high, x3, 3, BITS, part)
+                acc_w += s * (part * pow2(64) - off * x_sum[None, :])
             else:
                 # (BLOCK_N, WORDS, PER) values in column order, against the x tile read contiguously
                 u3 = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
                 w3 = codes_to_float(u3, off[:, :, None])
-                if BLOCK_M == 1:  # GEMV, 3-D
-                    xk = cols[:, None] + tl.arange(0, PER)[None, :]
-                    x3 = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xk < K, other=0.0).to(tl.float32)
-                    acc_w += tl.sum(w3 * x3[None, :, :], axis=2) * s
-                else:  # GEMM: one tl.dot a tile in x's dtype (codes exact there), scaled after it in one group
-                    x = load_x(x_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm)
-                    if ONE_GROUP:
-                        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x.dtype)
-                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * tl.trans(s)
-                    else:
-                        w = tl.reshape(w3 * s[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)
-                        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+                x = load_x(x_ptr, offs_m, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm)
+                if ONE_GROUP:  # one tl.dot a tile in x's dtype (codes exact there), scaled after it
+                    w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x.dtype)
+                    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION) * tl.trans(s)
+                else:
+                    w = tl.reshape(w3 * s[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)
+                    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc_w, axis=1), (1, BLOCK_N))
         store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
 
-    _wna16_run = tuned(_wna16_kernel, ["BITS", "HAS_ZERO"], gemv_modes=(0, 1))
+    # GEMV tiles: sizePerThread [1, 4] words and 8 x 4 threads a warp, so 64 to 256 rows give each
+    # thread 4 to 8 rows (SASS per int4 value at sm_90, scripts/kernel_ptx.py: 4.7 at 128 x 128, 3.8 at
+    # 256 x 128, against 12.8 for the one-row-a-thread GEMV it replaced)
+    _wna16_run = tuned(_wna16_kernel, ["BITS", "HAS_ZERO"],
+                       gemv_tiles=((64, 128, 2), (128, 128, 4), (256, 128, 4), (256, 64, 4), (128, 256, 4)))
 
 
 def triton_wna16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
