@@ -2,11 +2,11 @@
 should move before they go into the autotuner's candidates, and, under a profiler, why.
 
     python benchmarks/kernel_sweep.py w4 --shape 14336x4096 --tiles 64x128,256x128 --warps 2,4 \
-        --splits 4,16 --stages 2,3 [--m 1] [--tag sweep_w4]
+        --splits 4,16 --stages 2,3 [--maxnreg 0,80] [--m 1] [--tag sweep_w4]
     ncu --section WarpStateStats -k regex:_wna16 python benchmarks/kernel_sweep.py w4 ... --once
 
 Kernels: w4, w8 (W4A16 / W8A16, group 128), s24 (2:4, bf16 values), s24i4 (2:4 x int4, group 128).
-Every combination of tiles (BLOCK_N x BLOCK_K), warps, split and stages runs at BLOCK_M 1 (M = 1)
+Every combination of tiles (BLOCK_N x BLOCK_K), warps, split, stages and register cap runs at BLOCK_M 1 (M = 1)
 or 16, is checked against the PyTorch reference, and is timed as ``benchmarks/kernels.py`` times
 the autotuned one (CUDA-graph replays over weight copies that do not fit in L2), beside bf16
 matmul on the same shape. ``--once``: each config runs once, untimed (one launch each for a profiler).
@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--warps", default="2,4")
     ap.add_argument("--splits", default="4,16")
     ap.add_argument("--stages", default="3")
+    ap.add_argument("--maxnreg", default="0", help="register caps a thread to try (0: none)")
     ap.add_argument("--once", action="store_true", help="one untimed launch a config (for a profiler)")
     ap.add_argument("--tag", default=None, help="write benchmarks/results/<tag>.{json,md}")
     args = ap.parse_args()
@@ -62,12 +63,14 @@ def main() -> int:
         rows.append({"config": "bf16 matmul (cuBLAS)", "us": round(t * 1e6, 2),
                      "% roofline": round(100 * (n * k * 2 + args.m * k * 2) / t / 1e12 / roofline, 1), "rel err": ""})
     bm = 1 if args.m == 1 else 16
-    for tile, warps, split, stages in itertools.product(args.tiles.split(","), ints(args.warps), ints(args.splits),
-                                                         ints(args.stages)):
+    for tile, warps, split, stages, regs in itertools.product(args.tiles.split(","), ints(args.warps),
+                                                               ints(args.splits), ints(args.stages), ints(args.maxnreg)):
         bn, bk = (int(v) for v in tile.split("x"))
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "LOOP_STAGES": stages,
                "num_warps": warps, "num_stages": stages}
-        name = f"{bm}x{bn}x{bk} w{warps} split{split} s{stages}"
+        if regs:
+            cfg["maxnreg"] = regs
+        name = f"{bm}x{bn}x{bk} w{warps} split{split} s{stages}" + (f" r{regs}" if regs else "")
         try:
             got = fixed(args.kernel, x, pool[0], cfg)
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is reported, not fatal

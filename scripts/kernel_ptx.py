@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--loop-stages", type=int, default=None, help="LOOP_STAGES (default: --stages)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers a thread (ptxas -maxrregcount)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dump", help="write the PTX here (and the TTGIR beside it)")
     args = ap.parse_args()
@@ -67,7 +68,8 @@ def main() -> int:
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                                     attrs=attrs)
     asm = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
-                         options={"num_warps": args.warps, "num_stages": args.stages}).asm
+                         options={"num_warps": args.warps, "num_stages": args.stages}
+                         | ({"maxnreg": args.maxnreg} if args.maxnreg else {})).asm
     ptx = asm["ptx"]
     if args.dump:
         Path(args.dump).write_text(ptx)
