@@ -93,6 +93,16 @@ if triton is not None:
         return q0, q1, q2, q3
 
     @triton.jit
+    def position_bit(meta, k: tl.constexpr):
+        """Bit k (< 16) of the metadata, in place, as an fp32: 0 or the denormal 2^(k - 149)."""
+        return (meta & (1 << k)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _code(words, i: tl.constexpr):
+        """Kept value i of every unit's int4 word, as the float q (offset taken off)."""
+        return codes_to_float((words >> (4 * i)) & 0xF, 8.0)
+
+    @triton.jit
     def _group_term(part, meta, h: tl.constexpr, va, vb, xa, xb, xc, xd):
         """part + group h's two kept values of every unit times the x of their columns, scaled by 2^-64:
         the first sits at 0, 1 or 2, so its x is xa + b0 (xb - xa) + b1 (xc - xa) for its position bits b0,
@@ -100,7 +110,8 @@ if triton is not None:
         place as an fp32 denormal (``position_bit``) against its coefficient times 2^(85 - bit)."""
         xs_a = ((xa * pow2(-64))[None] + position_bit(meta, 4 * h) * ((xb - xa) * pow2(85 - 4 * h))[None]
                 + position_bit(meta, 4 * h + 1) * ((xc - xa) * pow2(84 - 4 * h))[None])
-        xs_b = (((xb + xc - xd) * pow2(-64))[None] + position_bit(meta, 4 * h + 3) * ((xd - xb) * pow2(82 - 4 * h))[None]
+        xs_b = (((xb + xc - xd) * pow2(-64))[None]
+                + position_bit(meta, 4 * h + 3) * ((xd - xb) * pow2(82 - 4 * h))[None]
                 + position_bit(meta, 4 * h + 2) * ((xd - xc) * pow2(83 - 4 * h))[None])
         return part + va * xs_a + vb * xs_b
 
@@ -138,14 +149,10 @@ if triton is not None:
                 s = tl.load(s_ptr + rows * stride_sn + g[None, :, :],
                             mask=n_ok[:, None, None] & (g < G_COUNT)[None, :, :],
                             other=0.0).to(tl.float32)
-            part = _group_term(part, meta, 0, codes_to_float(words & 0xF, 8.0), codes_to_float((words >> 4) & 0xF, 8.0),
-                               xa0, xb0, xc0, xd0)
-            part = _group_term(part, meta, 1, codes_to_float((words >> 8) & 0xF, 8.0),
-                               codes_to_float((words >> 12) & 0xF, 8.0), xa1, xb1, xc1, xd1)
-            part = _group_term(part, meta, 2, codes_to_float((words >> 16) & 0xF, 8.0),
-                               codes_to_float((words >> 20) & 0xF, 8.0), xa2, xb2, xc2, xd2)
-            part = _group_term(part, meta, 3, codes_to_float((words >> 24) & 0xF, 8.0),
-                               codes_to_float((words >> 28) & 0xF, 8.0), xa3, xb3, xc3, xd3)
+            part = _group_term(part, meta, 0, _code(words, 0), _code(words, 1), xa0, xb0, xc0, xd0)
+            part = _group_term(part, meta, 1, _code(words, 2), _code(words, 3), xa1, xb1, xc1, xd1)
+            part = _group_term(part, meta, 2, _code(words, 4), _code(words, 5), xa2, xb2, xc2, xd2)
+            part = _group_term(part, meta, 3, _code(words, 6), _code(words, 7), xa3, xb3, xc3, xd3)
             return acc_p + part * pow2(64) * s
         else:
             v = tl.load(v_ptr + rows[:, :, :, None] * stride_vn + (ui * 8)[None, :, :, None]
@@ -158,11 +165,6 @@ if triton is not None:
             part = _group_term(part, meta, 2, v4, v5, xa2, xb2, xc2, xd2)
             part = _group_term(part, meta, 3, v6, v7, xa3, xb3, xc3, xd3)
             return acc_p + part * pow2(64)
-
-    @triton.jit
-    def position_bit(meta, k: tl.constexpr):
-        """Bit k (< 16) of the metadata, in place, as an fp32: 0 or the denormal 2^(k - 149)."""
-        return (meta & (1 << k)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,

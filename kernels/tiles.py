@@ -4,9 +4,9 @@ to floats, the store).
 
 Two paths, chosen by BLOCK_M:
     BLOCK_M == 1   GEMV (one token a row of x): the weight tile times x, summed along K in
-                   registers; no tensor cores, nothing padded to 16 rows. x is read as 1-D slices,
-                   once per thread for all the rows the thread holds (a tile of more rows than
-                   threads reuses each x value that many times).
+                   registers; no tensor cores, nothing padded to 16 rows. x is read once per
+                   thread for all the rows the thread holds (a tile of more rows than threads
+                   reuses each x value that many times), as a tile Triton prefetches.
     BLOCK_M >= 16  GEMM: one ``tl.dot`` a tile in x's dtype with an fp32 accumulator.
 Scales multiply a tile's partial sums when the tile lies inside one group, each word's (or unit's)
 values otherwise. Group sizes are powers of two, so a tile either lies inside one group or holds
@@ -21,9 +21,9 @@ that feed a ``tl.dot``, so the GEMV's weight loads waited one by one (no cp.asyn
 it they are prefetched LOOP_STAGES - 1 tiles ahead (``scripts/kernel_ptx.py`` counts the cp.async).
 
 Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
-``sum`` on the host (the autotuner chooses SPLIT among 4, 8 and 16 at M = 1, 1 and 4 up to M = 16; a fixed config gets
-``choose_split``'s, which splits only where N alone gives too few programs); a prefill tile
-stores its finished tile in x's dtype.
+``sum`` on the host (the autotuner chooses SPLIT among 4, 8 and 16 at M = 1, 1 and 4 up to
+M = 16; a fixed config gets ``choose_split``'s, which splits only where N alone gives too few
+programs); a prefill tile stores its finished tile in x's dtype.
 
 On CUDA the tile sizes are autotuned per (M bucket, N, K, dtype and the constexprs); a ``config``
 argument fixes them instead (the self-test uses that to hit every path). Under
