@@ -11,14 +11,14 @@ Layout read (compressed-tensors ``pack-quantized``, what our QAT/PTQ exports wri
 Tiling (``kernels.tiles``): one program computes a (BLOCK_M, BLOCK_N) tile of y over its share of
 K. Each K step loads the (BLOCK_N, BLOCK_K / P) packed words once (rows contiguous, so the loads
 coalesce) and unpacks their P values in registers. M = 1 (GEMV, no tensor cores): value j of every
-word against the strided x slice x[:, j::P], a 1-D load each thread makes once for all the rows it
-holds. A code is not unpacked at all: one AND keeps its bits in place and the word is read as an
+word against the strided x slice x[:, j::P], split in registers from a (words, P) tile of x that
+Triton prefetches with the weights, each thread's x serving all the rows it holds. A code is not unpacked at all: one AND keeps its bits in place and the word is read as an
 fp32 denormal u * 2^(p - 149) (exact; FMAs take denormals at full rate), against x scaled by
 2^(85 - p) on the x side, so a value costs an AND and an FMA (plus one shift a word for the values
 above bit 23); the offset and zero point come off once per word against its sum of x. Decode is
 bound by instructions per weight as much as by bytes: on an H200 the GEMV this replaced (12.8 SASS
 instructions a value, one x load each) ran int4 and int8 at the same ~1.6e12 values/s; this one is
-3.8 a value at 256 x 128 tiles (``scripts/kernel_ptx.py`` counts them without a GPU). M > 1: one
+3.35 a value at 256 x 128 tiles (``scripts/kernel_ptx.py`` counts them without a GPU). M > 1: one
 ``tl.dot`` a tile in x's dtype (the codes, put under the exponent of 2^23, are exact integers
 there). Scales multiply a tile's partial sums when the tile lies in one group, each word's values
 otherwise.
@@ -135,11 +135,10 @@ if triton is not None:
             else:
                 off = tl.full((BLOCK_N, 1), 1 << (BITS - 1), tl.float32)
             if BLOCK_M == 1:
-                # GEMV: value j of every word meets the strided x slice x[cols + j], loaded once as a 1-D
-                # vector and shared by all the tile's rows a thread holds. Code u comes out as an exact
-                # fp32 denormal by one AND (``denormal_code``), against x scaled by a power of two on
-                # the x side: a value costs an AND and an FMA. The offset and zero point come off once
-                # a word, against its sum of x.
+                # GEMV: value j of every word meets the strided x slice x[cols + j], shared by all the
+                # tile's rows a thread holds. Code u comes out as an exact fp32 denormal by one AND
+                # (``denormal_code``), against x scaled by a power of two on the x side: a value costs an
+                # AND and an FMA. The offset and zero point come off once a word, against its sum of x.
                 x_ok = wi < K // PER
                 high = words >> HIGH_SHIFT  # the values past the first IN_PLACE, under bit 23 (one shift)
                 # x for the tile as (WORDS, PER): 16 contiguous bytes a word, so the load is pipelined
@@ -188,8 +187,8 @@ if triton is not None:
         store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
 
     # GEMV tiles: sizePerThread [1, 4] words and 8 x 4 threads a warp, so 64 to 256 rows give each
-    # thread 4 to 8 rows (SASS per int4 value at sm_90, scripts/kernel_ptx.py: 4.7 at 128 x 128, 3.8 at
-    # 256 x 128, against 12.8 for the one-row-a-thread GEMV it replaced)
+    # thread 2 to 8 rows (SASS per int4 value at sm_90, scripts/kernel_ptx.py: 3.71 at 64 x 128, 3.66
+    # at 128 x 128, 3.35 at 256 x 128, against 12.8 for the one-row-a-thread GEMV it replaced)
     _wna16_run = tuned(_wna16_kernel, ["BITS", "HAS_ZERO"],
                        gemv_tiles=((64, 128, 2), (128, 128, 4), (256, 128, 4), (256, 64, 4), (128, 256, 4)))
 

@@ -13,7 +13,7 @@ Seen on wna16 at sm_90 (Triton 3.9): with a plain ``range`` K loop the GEMV (BLO
 cp.async (its weight loads were not pipelined; only the tl.dot path's were). With
 ``tl.range(..., num_stages=LOOP_STAGES)`` the 1x16x512 mode-0 GEMV has 12 cp.async and the 1x32x256
 mode-1 one 15 (``--loop-stages 1`` shows 0 again). SASS a value, int4 GEMV (``wna16 --tiles
-1x256x128``): 12.8 for the one-row-a-thread GEMV measured on the H200, 3.8 for the AND-and-FMA one.
+1x256x128``): 12.8 for the one-row-a-thread GEMV measured on the H200, 3.35 for the AND-and-FMA one.
 """
 
 import argparse
