@@ -177,7 +177,8 @@ def bench_shape(n: int, k: int, m: int, roofline: float, tol: float = 3e-2) -> l
 
 
 def chosen_tiles(name: str) -> str:
-    """The autotuned config our kernel ran with last (BLOCK_M x N x K, split, warps, stages)."""
+    """The autotuned config our kernel ran with last (BLOCK_M x N x K, split, warps, stages, and the
+    2:4 GEMV's mode when the config names one: mode 0, pairs of units, is the default)."""
     from kernels import sparse24, wna16
 
     run = {"ours W4A16": wna16._wna16_run, "ours W8A16": wna16._wna16_run}.get(
@@ -187,7 +188,7 @@ def chosen_tiles(name: str) -> str:
         return ""
     kw = cfg.kwargs
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw.get('SPLIT', '-')} "
-            f"w{cfg.num_warps} s{cfg.num_stages}")
+            f"w{cfg.num_warps} s{cfg.num_stages}" + (f" mode{kw['GEMV_MODE']}" if "GEMV_MODE" in kw else ""))
 
 
 def row(name, m, n, k, t, eager, nbytes, roofline, err, tol) -> dict:
