@@ -51,7 +51,7 @@ def main() -> int:
     n, k = (int(v) for v in args.shape.split("x"))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    _, ref, nbytes = kernels_at(n, k)[NAMES[args.kernel]]
+    call, ref, nbytes = kernels_at(n, k)[NAMES[args.kernel]]
     pool = [weights(n, k, g) for _ in range(copies_for(n * k // 4))]
     want = ref(x, pool[0]).float()
     device = torch.cuda.get_device_name()
@@ -72,7 +72,7 @@ def main() -> int:
             cfg["maxnreg"] = regs
         name = f"{bm}x{bn}x{bk} w{warps} split{split} s{stages}" + (f" r{regs}" if regs else "")
         try:
-            got = fixed(args.kernel, x, pool[0], cfg)
+            got = call(x, pool[0], cfg)
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is reported, not fatal
             why = f"{type(e).__name__}: {str(e)[:60]}"
             rows.append({"config": name, "us": None, "% roofline": None, "rel err": why})
@@ -81,7 +81,7 @@ def main() -> int:
         if args.once:
             print(name, f"rel err {err:.1e}", flush=True)
             continue
-        t, _ = timed([lambda w=w: fixed(args.kernel, x, w, cfg) for w in pool[: copies_for(nbytes(pool[0]))]])
+        t, _ = timed([lambda w=w: call(x, w, cfg) for w in pool[: copies_for(nbytes(pool[0]))]])
         rows.append({"config": name, "us": round(t * 1e6, 2), "% roofline": round(100 * moved / t / 1e12 / roofline, 1),
                      "rel err": f"{err:.1e}"})
         print(rows[-1], flush=True)
@@ -100,20 +100,6 @@ def main() -> int:
     else:
         print(md)
     return 0
-
-
-def fixed(kernel: str, x, w: dict, cfg: dict):
-    """One call of ``kernel`` under the fixed tiles ``cfg`` (the autotuner bypassed)."""
-    from kernels.sparse24 import triton_sparse24
-    from kernels.wna16 import triton_wna16
-
-    if kernel == "w4":
-        return triton_wna16(x, w["p4"], w["scale"], None, 4, config=cfg)
-    if kernel == "w8":
-        return triton_wna16(x, w["p8"], w["scale"], None, 8, config=cfg)
-    if kernel == "s24":
-        return triton_sparse24(x, w["values"], w["meta"], config=cfg)
-    return triton_sparse24(x, w["codes"], w["meta"], w["scale"], config=cfg)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def weights(n: int, k: int, g):
 
 
 def kernels_at(n: int, k: int):
-    """name -> (call(x, w) -> y, reference(x, w) -> y or None, weight bytes read)."""
+    """name -> (call(x, w[, config]) -> y, reference(x, w) -> y or None, weight bytes read); ``config``
+    fixes our kernels' tiles instead of autotuning them (``benchmarks/kernel_sweep.py``)."""
     from kernels.sparse24 import torch_sparse24, triton_sparse24
     from kernels.wna16 import torch_wna16, triton_wna16
 
@@ -100,13 +101,14 @@ def kernels_at(n: int, k: int):
 
     return {
         "bf16 matmul (cuBLAS)": (lambda x, w: x @ w["w"].t(), None, lambda w: n * k * 2),
-        "ours W4A16": (lambda x, w: triton_wna16(x, w["p4"], w["scale"], None, 4),
+        "ours W4A16": (lambda x, w, cfg=None: triton_wna16(x, w["p4"], w["scale"], None, 4, config=cfg),
                        lambda x, w: torch_wna16(x, w["p4"], w["scale"], None, 4), lambda w: n * k // 2 + scale_bytes(w)),
-        "ours W8A16": (lambda x, w: triton_wna16(x, w["p8"], w["scale"], None, 8),
+        "ours W8A16": (lambda x, w, cfg=None: triton_wna16(x, w["p8"], w["scale"], None, 8, config=cfg),
                        lambda x, w: torch_wna16(x, w["p8"], w["scale"], None, 8), lambda w: n * k + scale_bytes(w)),
-        "ours 2:4": (lambda x, w: triton_sparse24(x, w["values"], w["meta"]),
+        "ours 2:4": (lambda x, w, cfg=None: triton_sparse24(x, w["values"], w["meta"], config=cfg),
                      lambda x, w: torch_sparse24(x, w["values"], w["meta"]), lambda w: n * k + n * k // 8),
-        "ours 2:4 x int4": (lambda x, w: triton_sparse24(x, w["codes"], w["meta"], w["scale"]),
+        "ours 2:4 x int4": (lambda x, w, cfg=None: triton_sparse24(x, w["codes"], w["meta"], w["scale"],
+                                                                   config=cfg),
                             lambda x, w: torch_sparse24(x, w["codes"], w["meta"], w["scale"]),
                             lambda w: n * k // 4 + n * k // 8 + scale_bytes(w)),
     }

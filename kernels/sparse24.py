@@ -37,7 +37,7 @@ from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 if triton is not None:
     import triton.language as tl
 
-    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, pow2, store_tile
+    from kernels.tiles import codes_to_float, k_range, load_per_group, load_x, pow2, quarters, store_tile
 
 
 def expand(values_or_codes: torch.Tensor, meta: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,14 +85,6 @@ def check(x: torch.Tensor, values_or_codes: torch.Tensor, meta: torch.Tensor, sc
 
 if triton is not None:
     @triton.jit
-    def _quarters(t):
-        """(..., 2, 2) -> its four (...) slices in the order 2a + b of the last two indices."""
-        lo, hi = tl.split(t)
-        q0, q2 = tl.split(lo)
-        q1, q3 = tl.split(hi)
-        return q0, q1, q2, q3
-
-    @triton.jit
     def position_bit(meta, k: tl.constexpr):
         """Bit k (< 16) of the metadata, in place, as an fp32: 0 or the denormal 2^(k - 149)."""
         return (meta & (1 << k)).to(tl.float32, bitcast=True)
@@ -133,11 +125,11 @@ if triton is not None:
         meta = tl.load(meta_ptr + rows * stride_mn + ui[None, :, :], mask=u_ok, other=0).to(tl.int32)
         xt = tl.load(x_ptr + pid_m * stride_xm + (ui * 16)[:, :, None] + tl.arange(0, 16)[None, None, :],
                      mask=u_in[:, :, None], other=0.0).to(tl.float32)
-        c0, c1, c2, c3 = _quarters(tl.reshape(xt, (PAIRS, 2, 2, 2, 2, 2)))  # column 4h + c, h = 2a + b
-        xa0, xa1, xa2, xa3 = _quarters(c0)
-        xb0, xb1, xb2, xb3 = _quarters(c1)
-        xc0, xc1, xc2, xc3 = _quarters(c2)
-        xd0, xd1, xd2, xd3 = _quarters(c3)
+        c0, c1, c2, c3 = quarters(tl.reshape(xt, (PAIRS, 2, 2, 2, 2, 2)))  # column 4h + c, h = 2a + b
+        xa0, xa1, xa2, xa3 = quarters(c0)
+        xb0, xb1, xb2, xb3 = quarters(c1)
+        xc0, xc1, xc2, xc3 = quarters(c2)
+        xd0, xd1, xd2, xd3 = quarters(c3)
         part = tl.zeros((BLOCK_N, PAIRS, 2), dtype=tl.float32)
         if INT4:
             words = tl.load(v_ptr + rows * stride_vn + ui[None, :, :], mask=u_ok, other=0)
@@ -158,8 +150,8 @@ if triton is not None:
             v = tl.load(v_ptr + rows[:, :, :, None] * stride_vn + (ui * 8)[None, :, :, None]
                         + tl.arange(0, 8)[None, None, None, :], mask=u_ok[:, :, :, None], other=0.0).to(tl.float32)
             t0, t1 = tl.split(tl.reshape(v, (BLOCK_N, PAIRS, 2, 2, 2, 2)))  # kept value u = 4a + 2b + c
-            v0, v2, v4, v6 = _quarters(t0)
-            v1, v3, v5, v7 = _quarters(t1)
+            v0, v2, v4, v6 = quarters(t0)
+            v1, v3, v5, v7 = quarters(t1)
             part = _group_term(part, meta, 0, v0, v1, xa0, xb0, xc0, xd0)
             part = _group_term(part, meta, 1, v2, v3, xa1, xb1, xc1, xd1)
             part = _group_term(part, meta, 2, v4, v5, xa2, xb2, xc2, xd2)

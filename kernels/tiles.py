@@ -13,8 +13,8 @@ values otherwise. Group sizes are powers of two, so a tile either lies inside on
 whole groups; one scale per row is passed as ``PER_ROW`` (a group longer than any K). The jit
 pieces: ``k_range`` (a program's share of K), ``load_x``, ``load_per_group`` (scales, zero
 points), ``codes_to_float`` (integer codes to floats without an int-to-float instruction) and
-``store_tile``; ``denormal_code`` and ``pow2`` (a code as an exact fp32 denormal, for the GEMV's
-AND-and-FMA-a-value loop).
+``store_tile``; ``quarters`` (strided columns split out of a tile); ``denormal_code`` and ``pow2``
+(a code as an exact fp32 denormal, for the GEMV's AND-and-FMA-a-value loop).
 
 The K loop is ``tl.range(..., num_stages=LOOP_STAGES)``: without it Triton pipelines only loads
 that feed a ``tl.dot``, so the GEMV's weight loads waited one by one (no cp.async in its PTX); with
@@ -201,6 +201,15 @@ if triton is not None:
     def pow2(e: tl.constexpr):
         """2^e as an fp32 constant (-126 <= e <= 127), built from its bits."""
         return tl.full((), (e + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def quarters(t):
+        """(..., 2, 2) -> its four (...) slices in the order 2a + b of the last two indices (register
+        splits: how a kernel takes the strided columns out of a contiguously loaded tile)."""
+        lo, hi = tl.split(t)
+        q0, q2 = tl.split(lo)
+        q1, q3 = tl.split(hi)
+        return q0, q1, q2, q3
 
     @triton.jit
     def denormal_code(words, P: tl.constexpr, BITS: tl.constexpr):

@@ -12,16 +12,16 @@ Tiling (``kernels.tiles``): one program computes a (BLOCK_M, BLOCK_N) tile of y 
 K. Each K step loads the (BLOCK_N, BLOCK_K / P) packed words once (rows contiguous, so the loads
 coalesce) and unpacks their P values in registers. M = 1 (GEMV, no tensor cores): value j of every
 word against the strided x slice x[:, j::P], split in registers from a (words, P) tile of x that
-Triton prefetches with the weights, each thread's x serving all the rows it holds. A code is not unpacked at all: one AND keeps its bits in place and the word is read as an
-fp32 denormal u * 2^(p - 149) (exact; FMAs take denormals at full rate), against x scaled by
-2^(85 - p) on the x side, so a value costs an AND and an FMA (plus one shift a word for the values
-above bit 23); the offset and zero point come off once per word against its sum of x. Decode is
-bound by instructions per weight as much as by bytes: on an H200 the GEMV this replaced (12.8 SASS
-instructions a value, one x load each) ran int4 and int8 at the same ~1.6e12 values/s; this one is
-3.35 a value at 256 x 128 tiles (``scripts/kernel_ptx.py`` counts them without a GPU). M > 1: one
-``tl.dot`` a tile in x's dtype (the codes, put under the exponent of 2^23, are exact integers
-there). Scales multiply a tile's partial sums when the tile lies in one group, each word's values
-otherwise.
+Triton prefetches with the weights, each thread's x serving all the rows it holds. A code is not
+unpacked at all: one AND keeps its bits in place and the word is read as an fp32 denormal u *
+2^(p-149) (exact; FMAs take denormals at full rate), against x scaled by 2^(85-p) on the x side, so
+a value costs an AND and an FMA (plus one shift a word for the values above bit 23); the offset and
+zero point come off once per word against its sum of x. Decode is bound by instructions per weight
+as much as by bytes: on an H200 the GEMV this replaced (12.8 SASS instructions a value, one x load
+each) ran int4 and int8 at the same ~1.6e12 values/s; this one is 3.35 a value at 256 x 128 tiles
+(``scripts/kernel_ptx.py`` counts them without a GPU). M > 1: one ``tl.dot`` a tile in x's dtype
+(the codes, put under the exponent of 2^23, are exact integers there). Scales multiply a tile's
+partial sums when the tile lies in one group, each word's values otherwise.
 
 Three names, in one place: ``triton_wna16`` (host), ``_wna16_kernel`` (jit), ``torch_wna16`` (reference).
 """
@@ -35,7 +35,8 @@ from kernels.tiles import check_group, group_constexpr, launch, triton, tuned
 if triton is not None:
     import triton.language as tl
 
-    from kernels.tiles import codes_to_float, denormal_code, k_range, load_per_group, load_x, pow2, store_tile
+    from kernels.tiles import (codes_to_float, denormal_code, k_range, load_per_group, load_x, pow2, quarters,
+                               store_tile)
 
 BITS = (4, 8)
 
@@ -100,6 +101,14 @@ if triton is not None:
             return part + denormal_code(high, BITS * j - HIGH_SHIFT, BITS) * x_scaled[None, :]
 
     @triton.jit
+    def _four_terms(part, words, high, x0, x1, x2, x3, J0: tl.constexpr, BITS: tl.constexpr):
+        """part + the values J0 .. J0 + 3 of every word against their x slices x0 .. x3, in that order."""
+        part = _term(words, high, x0, J0, BITS, part)
+        part = _term(words, high, x1, J0 + 1, BITS, part)
+        part = _term(words, high, x2, J0 + 2, BITS, part)
+        return _term(words, high, x3, J0 + 3, BITS, part)
+
+    @triton.jit
     def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
@@ -146,30 +155,16 @@ if triton is not None:
                 xt = tl.load(x_ptr + pid_m * stride_xm + cols[:, None] + tl.arange(0, PER)[None, :],
                              mask=x_ok[:, None], other=0.0).to(tl.float32)
                 x_sum = tl.sum(xt, axis=1)
-                if PER == 8:  # xt[:, 4a + 2b + c] = x_abc
-                    t0, t1 = tl.split(tl.reshape(xt, (WORDS, 2, 2, 2)))
-                    t00, t01 = tl.split(t0)
-                    t10, t11 = tl.split(t1)
-                    x0, x4 = tl.split(t00)
-                    x2, x6 = tl.split(t01)
-                    x1, x5 = tl.split(t10)
-                    x3, x7 = tl.split(t11)
-                    part = _term(words, high, x0, 0, BITS, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
-                    part = _term(words, high, x1, 1, BITS, part)
-                    part = _term(words, high, x2, 2, BITS, part)
-                    part = _term(words, high, x3, 3, BITS, part)
-                    part = _term(words, high, x4, 4, BITS, part)
-                    part = _term(words, high, x5, 5, BITS, part)
-                    part = _term(words, high, x6, 6, BITS, part)
-                    part = _term(words, high, x7, 7, BITS, part)
-                else:  # PER == 4: xt[:, 2b + c] = x_bc
-                    t0, t1 = tl.split(tl.reshape(xt, (WORDS, 2, 2)))
-                    x0, x2 = tl.split(t0)
-                    x1, x3 = tl.split(t1)
-                    part = _term(words, high, x0, 0, BITS, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
-                    part = _term(words, high, x1, 1, BITS, part)
-                    part = _term(words, high, x2, 2, BITS, part)
-                    part = _term(words, high, x3, 3, BITS, part)
+                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                if PER == 8:  # xt[:, 4a + 2b + c]: split off c, then j = c + 2 (2a + b)
+                    even, odd = tl.split(tl.reshape(xt, (WORDS, 2, 2, 2)))
+                    x0, x2, x4, x6 = quarters(even)
+                    x1, x3, x5, x7 = quarters(odd)
+                    part = _four_terms(part, words, high, x0, x1, x2, x3, 0, BITS)  # in j order: fewer
+                    part = _four_terms(part, words, high, x4, x5, x6, x7, 4, BITS)  # registers live
+                else:  # PER == 4: xt[:, 2b + c], j = 2b + c
+                    x0, x1, x2, x3 = quarters(tl.reshape(xt, (WORDS, 2, 2)))
+                    part = _four_terms(part, words, high, x0, x1, x2, x3, 0, BITS)
                 acc_w += s * (part * pow2(64) - off * x_sum[None, :])
             else:
                 # (BLOCK_N, WORDS, PER) values in column order, against the x tile read contiguously
