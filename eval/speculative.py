@@ -10,15 +10,15 @@ token; sampled output is distributed exactly as the target's samples.
 Usage:
     res = speculative_generate(teacher, student, input_ids, max_new_tokens=128, k=4)
     res.tokens, res.acceptance_rate, res.tokens_per_target_pass
+    speculative_generate(..., graphs=True)   # static KV caches, decode steps as CUDA graphs (served)
 
 Cache invariant (both models, between rounds): the cache holds a prefix of `seq` (prompt + accepted
 tokens), never its last token, so each forward feeds `seq[cache_len:]` (plus the drafts) and the
 last logits rows are the predictions we need. The first target pass is therefore also the prompt
 prefill, and every target pass is a verify pass.
 
-transformers 5.24 notes: the KV cache argument and output are named `cache` (`past_key_values` is
-a deprecated alias), position ids default to `cache.get_seq_length() + arange(T)`, and
-`Cache.crop(n)` takes a NEGATIVE n, the number of tokens to drop (a positive n raises).
+The models run through ``eval.decoders`` (a dynamic cache and eager forwards, or a static cache
+and CUDA graphs), which own the caches and their roll-back.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
 from compress.errors import CompressError
+from eval.decoders import decoder
 
 # Draft and target may differ only by embedding padding rows (e.g. vocab rounded up to 64 or 128).
 VOCAB_PADDING_SLACK = 256
@@ -58,13 +57,15 @@ class SpecResult:
 
 def speculative_generate(target, draft, input_ids: torch.Tensor, *, max_new_tokens: int, k: int = 4,
                          temperature: float = 0.0, generator: torch.Generator | None = None,
-                         eos_token_id: int | None = None) -> SpecResult:
+                         eos_token_id: int | None = None, graphs: bool = False) -> SpecResult:
     """Speculative decoding of one prompt (Leviathan et al. 2023; Chen et al. 2023).
 
     Both models score only the shared ids [:min(V_draft, V_target)] (padding rows never win).
     temperature == 0: greedy, identical to the target's greedy decoding. temperature > 0: rejection
     sampling, distributed as softmax(target_logits / temperature). `generator` (on the target's
     device) makes the sampling reproducible. Stops after max_new_tokens or at eos_token_id.
+    ``graphs``: both models on static KV caches, their decode steps replayed as CUDA graphs on
+    CUDA (``eval.decoders``), as served; the tokens are the same.
         res = speculative_generate(teacher, student, ids, max_new_tokens=64, k=4)
     """
     _check_prompt(input_ids)
@@ -72,14 +73,16 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, max_new_toke
     if temperature < 0:
         raise CompressError(f"temperature={temperature}: pass 0 for greedy or a positive value to sample")
     vocab = _shared_vocab(target, draft)
+    max_len = input_ids.shape[1] + max_new_tokens + k + 1
     with torch.inference_mode():
-        return _speculate(target, draft, input_ids[0].to(target.device), max_new_tokens, k,
+        t_dec, d_dec = decoder(target, max_len, graphs), decoder(draft, max_len, graphs)
+        return _speculate(t_dec, d_dec, input_ids[0].to(target.device), max_new_tokens, k,
                           temperature, generator, eos_token_id, vocab)
 
 
 def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator, eos_token_id, V):
+    """target, draft: decoders (``eval.decoders``) with empty caches."""
     seq = prompt  # (T + generated,) everything accepted so far
-    t_cache, d_cache = _new_cache(target), _new_cache(draft)
     target_passes = draft_passes = proposed = accepted = 0
     while True:
         budget = max_new_tokens - (seq.numel() - prompt.numel())
@@ -90,8 +93,8 @@ def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator,
         drafted = seq.new_empty(0)  # (k_round,)
         q_rows = []  # draft probabilities, one (V,) row per drafted token, when sampling
         for _ in range(k_round):
-            feed = torch.cat([seq, drafted])[d_cache.get_seq_length():]
-            logits = _forward(draft, d_cache, feed, keep=1)[-1, :V].to(seq.device)
+            feed = torch.cat([seq, drafted])[draft.length:]
+            logits = draft.forward(feed, keep=1)[-1, :V].to(seq.device)
             draft_passes += 1
             if temperature == 0:
                 token = logits.argmax(-1, keepdim=True)
@@ -102,12 +105,12 @@ def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator,
 
         # 2. The target scores seq's last token and every draft in one pass: row i predicts the
         # token after drafted[:i], the last row is the bonus position.
-        feed = torch.cat([seq, drafted])[t_cache.get_seq_length():]
-        target_logits = _forward(target, t_cache, feed, keep=k_round + 1)[:, :V]  # (k_round + 1, V)
+        feed = torch.cat([seq, drafted])[target.length:]
+        target_logits = target.forward(feed, keep=k_round + 1)[:, :V]  # (k_round + 1, V)
         target_passes += 1
         if target_passes == 1:  # some layers (linear attention) know only after prefill if they can
-            _check_croppable(target, t_cache)
-            _check_croppable(draft, d_cache)
+            target.check_croppable()
+            draft.check_croppable()
 
         # 3. Keep the longest agreeing prefix plus one target token.
         if temperature == 0:
@@ -119,11 +122,10 @@ def _speculate(target, draft, prompt, max_new_tokens, k, temperature, generator,
         accepted += n_ok
         new = torch.cat([drafted[:n_ok], extra])
 
-        # 4. Roll both caches back to the new seq minus its last token (crop(0) still trims
-        # sliding-window layers back to their window).
+        # 4. Roll both caches back to the new seq minus its last token.
         kept = seq.numel() + n_ok
-        t_cache.crop(-(t_cache.get_seq_length() - kept))
-        d_cache.crop(-max(0, d_cache.get_seq_length() - kept))
+        target.crop(kept)
+        draft.crop(min(draft.length, kept))
 
         if eos_token_id is not None and (new == eos_token_id).any():
             stop = int((new == eos_token_id).nonzero()[0]) + 1
@@ -163,19 +165,20 @@ def _accept_sampled(drafted, q, p, generator):
 
 
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> torch.Tensor:
+                    eos_token_id: int | None = None, graphs: bool = False) -> torch.Tensor:
     """Plain KV-cache greedy decoding, one forward per token: the baseline and the reference.
         tokens = greedy_generate(teacher, ids, 64)  # (N,) new tokens
+    ``graphs``: a static cache, each step a CUDA graph replay on CUDA (``eval.decoders``).
     """
     _check_prompt(input_ids)
     _check_lengths(1, max_new_tokens)
     _check_eval(model, "model")
     with torch.inference_mode():
-        cache = _new_cache(model)
+        dec = decoder(model, input_ids.shape[1] + max_new_tokens, graphs)
         feed = input_ids[0].to(model.device)
         out = []
         for _ in range(max_new_tokens):
-            feed = _forward(model, cache, feed, keep=1)[-1].argmax(-1, keepdim=True)  # (1,)
+            feed = dec.forward(feed, keep=1)[-1].argmax(-1, keepdim=True)  # (1,)
             out.append(feed)
             if eos_token_id is not None and int(feed) == eos_token_id:
                 break
@@ -185,7 +188,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
 def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new_tokens: int,
                   temperature: float = 0.0, seed: int = 0, baseline: dict | None = None,
                   deadline: float | None = None, hopeless_below: float | None = None, min_proposed: int = 32,
-                  outputs: list | None = None, progress=None) -> dict:
+                  outputs: list | None = None, progress=None, graphs: bool = False) -> dict:
     """Serve prompts one after another, target alone (greedy) vs speculative, and time both.
     Returns k, n_prompts (served), new_tokens, acceptance_rate, mean_accepted_per_pass,
     target_tokens_per_s, spec_tokens_per_s, speedup, exact_match (None when sampling),
@@ -196,7 +199,8 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
     (``time.monotonic()``), or once ``min_proposed`` drafts were verified and the acceptance rate
     is below ``hopeless_below``. ``baseline`` (a dict shared across calls) keeps each prompt's
     greedy reference and its time, so several k reuse one baseline run. ``outputs`` receives
-    each prompt's new tokens; ``progress`` (a tqdm bar) advances once per prompt.
+    each prompt's new tokens; ``progress`` (a tqdm bar) advances once per prompt. ``graphs``: both
+    sides (the target alone too) on static caches and CUDA graphs (``eval.decoders``), as served.
     """
     if not prompts:
         raise CompressError("serve_prompts got no prompts; pass a non-empty list of (T,) or (1, T) id tensors")
@@ -207,10 +211,10 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
     device = target.device
     baseline = {} if baseline is None else baseline
     generator = torch.Generator(device=device).manual_seed(seed)
-    spec = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+    spec = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, graphs=graphs)
     # Warm-up outside the clock: first calls pay for allocator and kernel set-up.
     if not baseline:
-        greedy_generate(target, prompts[0], 2)
+        greedy_generate(target, prompts[0], 2, graphs=graphs)
     speculative_generate(target, draft, prompts[0], **{**spec, "max_new_tokens": 2})
 
     base_time = spec_time = 0.0
@@ -225,7 +229,7 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
             stopped = f"hopeless: acceptance {rate:.3f} < {hopeless_below} after {len(results)} of {len(prompts)} prompts"
         if stopped:
             break
-        reference, seconds = _baseline(target, p, i, baseline, max_new_tokens)
+        reference, seconds = _baseline(target, p, i, baseline, max_new_tokens, graphs)
         base_time += seconds
         base_tokens += reference.numel()
         start = _now(device)
@@ -354,12 +358,13 @@ def serve_prompts_across_tokenizers(target, draft, tokenizers: tuple, prompts: l
             "method": "transformers universal assisted generation (draft text re-tokenized)", "stopped": stopped}
 
 
-def _baseline(target, prompt: torch.Tensor, i: int, baseline: dict, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+def _baseline(target, prompt: torch.Tensor, i: int, baseline: dict, max_new_tokens: int,
+              graphs: bool = False) -> tuple[torch.Tensor, float]:
     """Prompt ``i``'s greedy reference from the target alone and its time, run once and kept in
-    ``baseline`` (shared by every k and both serving paths)."""
+    ``baseline`` (shared by every k and both serving paths; one per ``graphs`` setting)."""
     if i not in baseline:
         start = _now(target.device)
-        tokens = greedy_generate(target, prompt, max_new_tokens)
+        tokens = greedy_generate(target, prompt, max_new_tokens, graphs=graphs)
         baseline[i] = (tokens, _now(target.device) - start)
     return baseline[i]
 
@@ -374,20 +379,6 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-def _forward(model, cache, ids, keep):
-    """Feed `ids` (n,) after what `cache` holds; return the last `keep` logits rows, (keep, V) fp32."""
-    out = model(input_ids=ids[None].to(model.device), cache=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits[0].float()
-
-
-def _new_cache(model):
-    # With the config, sliding-window layers are built up front; past recording keeps their
-    # evicted states until the next crop, so a rejected draft can be rolled back.
-    cache = DynamicCache(config=model.config)
-    cache.activate_past_recording()
-    return cache
 
 
 def _vocab_size(model) -> int:
@@ -410,12 +401,6 @@ def _check_prompt(input_ids) -> None:
         raise CompressError(f"input_ids is {what}; pass token ids as an integer tensor of shape (1, T)")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise CompressError(f"input_ids has shape {tuple(input_ids.shape)}; pass one prompt of shape (1, T), T >= 1")
-
-
-def _check_croppable(model, cache) -> None:
-    if not cache.is_croppable:
-        raise CompressError(f"{type(model).__name__}'s KV cache cannot be rolled back after a rejected draft; "
-                            "use models with attention (full or sliding-window) KV caches")
 
 
 def _check_lengths(k: int, max_new_tokens: int) -> None:

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The device checks in one script (a lent GPU machine: torch + triton installed, nothing fetched):
 # kernels against their references (fixed tiles, fp16 and bf16), the kernel benchmark (autotuned,
-# each kernel re-checked on its shape), the chunked-loss benchmark on CUDA. Logs and results go
-# to $OUT (or ./gpu_out). Each step has its own time limit, so one that hangs leaves the others.
-#     bash scripts/gpu_check.sh [steps...]     steps: selftest kernels chunked (default: all)
+# each kernel re-checked on its shape), the chunked-loss benchmark on CUDA; with the teacher
+# carried (scripts/device_payload.sh), the CUDA-graph decoding test and the end-to-end decode
+# benchmark. Logs and results go to $OUT (or ./gpu_out). Each step has its own time limit, so one
+# that hangs leaves the others.
+#     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode
+#                                            (default: the first three)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 steps=${*:-selftest kernels chunked}
+[ -d /tmp/keep/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/keep/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Liger-Kernel beside our chunked loss, when its wheel is carried (run(carry=[".gpu/liger"]) after
 # `pip download --no-deps liger-kernel==0.8.5 -d .gpu/liger` here): a pure-Python wheel
 for w in .gpu/liger/liger_kernel-*.whl; do
@@ -28,7 +32,12 @@ for step in $steps; do
              timeout 150 python3 benchmarks/chunked_loss.py --device cuda --tokens ${CHUNK_TOKENS:-4096,16384} \
                --chunk 2048 $liger --tag chunked_loss_cuda > "$OUT/chunked.log" 2>&1
              rc=$?; cp benchmarks/results/chunked_loss_cuda.* "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (selftest, kernels, chunked)"; continue ;;
+    graphs) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k "cuda or static" > "$OUT/graphs.log" 2>&1
+            rc=$? ;;
+    decode) timeout ${DECODE_TIMEOUT:-400} python3 benchmarks/decode.py ${DECODE_ARGS:---in-memory int4,s24int4 --synthetic 8} \
+              --tag decode_cuda > "$OUT/decode.log" 2>&1
+            rc=$?; cp benchmarks/results/decode_cuda.* "$OUT/" 2>/dev/null ;;
+    *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode)"; continue ;;
   esac
   echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
 done

@@ -306,3 +306,83 @@ def test_time_budget_stops_after_the_current_prompt(target, drafts, prompts):
     assert full["stopped"] is None and sorted(baseline) == [0, 1, 2]  # the greedy baseline, kept for the next k
     again = serve_prompts(target, drafts["perturbed"], prompts, k=3, max_new_tokens=8, baseline=baseline)
     assert again["target_tokens_per_s"] == full["target_tokens_per_s"]  # reused, not re-run
+
+
+# Static caches (eval.decoders.GraphDecoder): the serving path. Off CUDA the same static-cache
+# forwards run eagerly, so these check its positions, its 4-D mask and its roll-back; on CUDA the
+# last test checks the captured graphs give the same tokens.
+
+def test_static_cache_greedy_equals_dynamic(target, prompts):
+    for ids in prompts:
+        assert torch.equal(greedy_generate(target, ids, 20, graphs=True), greedy_generate(target, ids, 20))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("kind", ["smaller", "perturbed"])
+def test_static_cache_speculative_equals_greedy(target, drafts, prompts, kind, k):
+    # The perturbed draft is rejected part of the time (test above), so the roll-back is exercised;
+    # the decoders are reused from prompt to prompt (one static cache per model).
+    for ids in prompts:
+        res = speculative_generate(target, drafts[kind], ids, max_new_tokens=20, k=k, graphs=True)
+        eager = speculative_generate(target, drafts[kind], ids, max_new_tokens=20, k=k)
+        assert torch.equal(res.tokens, greedy_generate(target, ids, 20))
+        assert (res.accepted, res.proposed, res.target_passes) == (eager.accepted, eager.proposed, eager.target_passes)
+
+
+def test_static_cache_decoder_reuse_and_bounds(target, prompts):
+    from eval.decoders import GraphDecoder, decoder
+
+    first = decoder(target, 40, graphs=True)
+    assert decoder(target, 100, graphs=True) is first  # rounded up to 256 tokens: reused, emptied
+    assert first.length == 0
+    bigger = decoder(target, 300, graphs=True)
+    assert bigger is not first and bigger.max_len == 512
+    small = GraphDecoder(target, max_len=8)
+    with torch.inference_mode():
+        small.forward(prompts[2][0, :6], keep=1)
+        with pytest.raises(CompressError, match="holds 8 tokens"):
+            small.forward(prompts[2][0, :3], keep=1)
+        small.crop(2)
+        assert small.length == 2
+        logits = small.forward(prompts[2][0, 2:8], keep=6)  # after a crop: the same as one prefill
+        full = target(prompts[2][:, :8]).logits[0, 2:].float()
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_refuses_sliding_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(config).eval()
+    with pytest.raises(CompressError, match="full-attention models only"):
+        greedy_generate(model, torch.zeros(1, 3, dtype=torch.long), 2, graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_the_eager_tokens(target, drafts, prompts):
+    from eval.decoders import decoder
+
+    gpu_target, gpu_draft = copy.deepcopy(target).cuda(), copy.deepcopy(drafts["perturbed"]).cuda()
+    for ids in prompts:
+        reference = greedy_generate(gpu_target, ids, 20)
+        assert torch.equal(greedy_generate(gpu_target, ids, 20, graphs=True), reference)
+        res = speculative_generate(gpu_target, gpu_draft, ids, max_new_tokens=20, k=4, graphs=True)
+        assert torch.equal(res.tokens, reference)
+    dec = decoder(gpu_target, 1, graphs=True)
+    assert dec.graph_error is None and set(dec.graphs) >= {1}  # decode steps were captured, not eager
+
+
+def test_static_cache_decoder_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from eval.decoders import _graph_decoders
+
+    model = tiny_llama(9)
+    greedy_generate(model, torch.zeros(1, 3, dtype=torch.long), 2, graphs=True)
+    assert model in _graph_decoders
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # a served model is freed with its decoder and graphs
