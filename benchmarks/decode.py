@@ -50,7 +50,9 @@ def decode_speed(model, prompts, new_tokens: int, device, graphs: bool) -> tuple
 
     prompts = [p % model.config.vocab_size for p in prompts]  # the synthetic model's vocab is smaller
 
-    greedy_generate(model, prompts[0], 4, graphs=graphs)  # warm-up (kernels' autotuning, graph capture)
+    # warm-up (kernels' autotuning, graph capture, the GPU's clocks): on an H200 the teacher's first
+    # eager row after a 4-token warm-up read 25 tokens/s, and 47 when measured again later
+    greedy_generate(model, prompts[0], min(new_tokens, 32), graphs=graphs)
     tokens, seconds, outs = 0, 0.0, []
     for p in prompts:
         if device.type == "cuda":
@@ -119,7 +121,8 @@ def main() -> int:
     ap.add_argument("--exports", default="", help="name=folder,... (our exports)")
     ap.add_argument("--in-memory", default="", help="the teacher made into these on our kernel modules (group 64), "
                     f"each also as a draft: {','.join(KINDS)}")
-    ap.add_argument("--teacher", default="smollm2-135m-instruct")
+    ap.add_argument("--teacher", default="smollm2-135m-instruct",
+                    help="'none': only the synthetic model, on seeded random prompts (no teacher, tokenizer or data)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -131,11 +134,6 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from benchmarks.common import write_results
-    from compress.data import prepare_data
-    from compress.models import load_model, load_tokenizer
-    from compress.recipe import DataConfig
-    from compress.tracking import format_table
     from eval.kernel_model import load_kernel_model
     from eval.speculative import serve_prompts
 
@@ -150,15 +148,29 @@ def main() -> int:
         sys.exit(f"error: unknown kind in --in-memory / --synthetic-kinds: use some of {', '.join(KINDS)}")
     if not exports and not in_memory and not args.synthetic:
         sys.exit("error: nothing to compare with the teacher: give --exports, --in-memory or --synthetic N")
+    no_teacher = args.teacher == "none"
+    if no_teacher and (exports or in_memory or not args.synthetic):
+        sys.exit("error: --teacher none runs the synthetic model alone: give --synthetic N and no exports or --in-memory")
     if not set(modes) <= {"eager", "graphs"}:
         sys.exit(f"error: --modes {args.modes}: use eager, graphs or eager,graphs")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok = load_tokenizer(args.teacher)
-    val = prepare_data(DataConfig(), tok).val
-    prompts = [b[: args.prompt_tokens].long().reshape(1, -1).to(device) for b in val[: args.prompts]]
+    if no_teacher:
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 32000, (1, args.prompt_tokens), generator=gen).to(device) for _ in range(args.prompts)]
+    else:
+        from compress.data import prepare_data
+        from compress.models import load_tokenizer
+        from compress.recipe import DataConfig
+
+        val = prepare_data(DataConfig(), load_tokenizer(args.teacher)).val
+        prompts = [b[: args.prompt_tokens].long().reshape(1, -1).to(device) for b in val[: args.prompts]]
 
     rows, spec_rows = [], []
+    label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (kernels' PyTorch references: not a speed claim)"
+
+    def save():  # after every model: a run cut short keeps what it measured
+        report(args, label, dtype, rows, spec_rows)
 
     def measure(name, model, base=None) -> dict:
         """One row per mode (``base``: {mode: the baseline's tokens/s}); returns {mode: tokens/s}."""
@@ -174,11 +186,15 @@ def main() -> int:
             rows.append(row)
             speeds[mode] = speed["tokens_per_s"]
             print(row, flush=True)
+        save()
         return speeds
 
-    teacher = load_model(args.teacher, dtype).to(device).eval()
-    teacher.config.use_cache = True
-    base = measure("teacher", teacher)
+    if not no_teacher:
+        from compress.models import load_model
+
+        teacher = load_model(args.teacher, dtype).to(device).eval()
+        teacher.config.use_cache = True
+        base = measure("teacher", teacher)
     drafts = [(name, lambda folder=folder: load_kernel_model(folder, dtype, device)) for name, folder in exports.items()]
     for kind in in_memory:
         drafts.append((f"{KINDS[kind]} g64", lambda kind=kind: to_kernels(copy.deepcopy(teacher), kind, 64)))
@@ -195,6 +211,7 @@ def main() -> int:
                     "k", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
                     "speedup", "exact_match", "n_prompts", "stopped")}})
                 print(spec_rows[-1], flush=True)
+                save()
         del model
     if args.synthetic:
         name = f"llama3-8b-shaped x{args.synthetic} layers"
@@ -202,13 +219,20 @@ def main() -> int:
         for kind in synthetic_kinds:
             measure(f"{name}, {KINDS[kind]} g128", to_kernels(synthetic_llama(args.synthetic, device, dtype), kind, 128),
                     synth_base)
+    return 0
 
-    label = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (kernels' PyTorch references: not a speed claim)"
+
+def report(args, label: str, dtype, rows: list, spec_rows: list) -> None:
+    """benchmarks/results/<tag>.{json,md} from the rows measured so far."""
+    from benchmarks.common import write_results
+    from compress.tracking import format_table
+
     command = (f"python benchmarks/decode.py --exports '{args.exports}' --in-memory '{args.in_memory}' --teacher {args.teacher} --prompts {args.prompts} "
                f"--prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens} --ks {args.ks} "
                f"--modes {args.modes} --synthetic {args.synthetic} --synthetic-kinds {args.synthetic_kinds}")
     md = "\n".join([
-        f"Greedy decode at batch 1, {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
+        f"Greedy decode at batch 1, {args.prompts} {'random' if args.teacher == 'none' else 'held-out'} prompts of "
+        f"{args.prompt_tokens} tokens, {args.new_tokens} new "
         f"tokens each, {str(dtype).removeprefix('torch.')}, on {label}. `eager`: dynamic KV cache, one eager forward a "
         "token; `graphs`: static KV cache, each decode step one CUDA graph replay (eval.decoders). Speed-ups are "
         "against the baseline above the row (the teacher, or the bf16 synthetic model) in the same mode; `same "
@@ -217,9 +241,8 @@ def main() -> int:
                             "graph error"]), "",
         "Each export as the teacher's draft (speculative decoding, greedy):", "",
         format_table(spec_rows, list(spec_rows[0])) if spec_rows else "(no exports given)", ""])
-    tag = args.tag or f"decode_{'cuda' if device.type == 'cuda' else 'cpu'}"
+    tag = args.tag or f"decode_{'cpu' if label.startswith('cpu') else 'cuda'}"
     write_results(tag, {"args": vars(args), "device": label, "rows": rows, "speculative": spec_rows}, md)
-    return 0
 
 
 if __name__ == "__main__":
