@@ -159,8 +159,8 @@ if triton is not None:
             return acc_p + part * pow2(64)
 
     @triton.jit
-    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
-                         stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ys,
+    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, G_COUNT, M_BUCKET,
+                         stride_xm, stride_vn, stride_mn, stride_sn, stride_ym, stride_ps,
                          INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          LOOP_STAGES: tl.constexpr, GEMV_MODE: tl.constexpr = 0):
@@ -233,7 +233,7 @@ if triton is not None:
                 acc = tl.reshape(tl.sum(tl.sum(acc_p, axis=2), axis=1), (1, BLOCK_N))
             else:
                 acc = tl.reshape(tl.sum(acc_u, axis=1), (1, BLOCK_N))
-        store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
+        store_tile(y_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ps, SPLIT)
 
     # GEMV tiles. Mode 0 (pairs of units, everything prefetched): 2 units a thread of 2 to 8 rows.
     # Mode 1 (by tiles, one row a thread, selects): the GEMV measured at 1.05x bf16 on an H200 before.

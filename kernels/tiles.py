@@ -20,10 +20,13 @@ The K loop is ``tl.range(..., num_stages=LOOP_STAGES)``: without it Triton pipel
 that feed a ``tl.dot``, so the GEMV's weight loads waited one by one (no cp.async in its PTX); with
 it they are prefetched LOOP_STAGES - 1 tiles ahead (``scripts/kernel_ptx.py`` counts the cp.async).
 
-Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums, added by one
-``sum`` on the host (the autotuner chooses SPLIT among 4, 8 and 16 at M = 1, 1 and 4 up to
-M = 16; a fixed config gets ``choose_split``'s, which splits only where N alone gives too few
-programs); a prefill tile stores its finished tile in x's dtype.
+Split-K: at decode K can be split over SPLIT programs that write fp32 partial sums; the last of a
+tile's SPLIT programs to finish (an atomic count per tile) adds them in split order and stores the
+tile in x's dtype, then resets its count, so a layer is one launch (a separate sum was a second
+kernel per linear: on an H200, CUDA-graph decode of the int4 teacher ran 0.79x bf16, launch-bound).
+The autotuner chooses SPLIT among 4, 8 and 16 at M = 1, 1 and 4 up to M = 16; a fixed config gets
+``choose_split``'s, which splits only where N alone gives too few programs; a prefill tile stores
+its finished tile directly.
 
 On CUDA the tile sizes are autotuned per (M bucket, N, K, dtype and the constexprs); a ``config``
 argument fixes them instead (the self-test uses that to hit every path). Under
@@ -46,6 +49,8 @@ except ImportError:  # pragma: no cover - the reference paths still work
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLIT = 16
 PER_ROW = 1 << 30  # the GROUP constexpr for one scale per row: longer than any K
+COUNTERS = 1 << 20  # split-K arrival counts a device, one per output tile, each back at 0 after its tile
+_counters: dict = {}
 
 
 def m_bucket(m: int) -> int:
@@ -131,12 +136,12 @@ def tuned(kernel, consts: list[str], gemv_tiles: tuple):
 
 def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, k: int, x: torch.Tensor,
            config: dict | None = None, **consts) -> torch.Tensor:
-    """Run ``run`` as kernel(*tensors, y, M, N, K, *scalars, M_BUCKET, *strides, stride_ym, stride_ys, ...)
-    and return y (M, N) in x's dtype.
+    """Run ``run`` as kernel(*tensors, y, parts, counts, M, N, K, *scalars, M_BUCKET, *strides, stride_ym,
+    stride_ps, ...) and return y (M, N) in x's dtype.
 
-    An autotuner (CUDA) picks the tiles and, at decode, the split: every decode config writes fp32
-    partial sums into a buffer of MAX_SPLIT slots, of which the chosen config's are added. A fixed
-    ``config`` (and the interpreter's) carries its SPLIT or gets ``choose_split``'s; split 1 then
+    An autotuner (CUDA) picks the tiles and, at decode, the split: every decode config may write
+    fp32 partial sums into a buffer of MAX_SPLIT slots, which the kernel itself adds (``store_tile``).
+    A fixed ``config`` (and the interpreter's) carries its SPLIT or gets ``choose_split``'s; split 1
     stores y directly."""
     consts["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
     bucket = m_bucket(m)
@@ -144,30 +149,36 @@ def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]
 
-    if config is None and hasattr(run, "configs"):  # autotuned
-        slots = MAX_SPLIT if bucket <= 16 else 1
-        y, strides_y = _output(slots, m, n, x)
-        run[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts)
-        return y[: run.best_config.kwargs["SPLIT"]].sum(0, dtype=x.dtype) if slots > 1 else y
-    cfg = dict(config) if config is not None else fixed_config(m)
-    cfg["SPLIT"] = cfg.get("SPLIT") or choose_split(m, n, k, x.device)
-    cfg.setdefault("LOOP_STAGES", 3)
-    y, strides_y = _output(cfg["SPLIT"], m, n, x)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    autotuned = config is None and hasattr(run, "configs")
+    cfg = {} if autotuned else dict(config) if config is not None else fixed_config(m)
+    if not autotuned:
+        cfg["SPLIT"] = cfg.get("SPLIT") or choose_split(m, n, k, x.device)
+        cfg.setdefault("LOOP_STAGES", 3)
+    slots = (MAX_SPLIT if bucket <= 16 else 1) if autotuned else cfg["SPLIT"]
+    parts = torch.empty(slots, m, n, device=x.device, dtype=torch.float32) if slots > 1 else y
+    counters = _counts(x.device, m * triton.cdiv(n, 8))  # enough for any tile of >= 8 columns
+    args = (*tensors, y, parts, counters, m, n, k, *scalars, bucket, *strides, y.stride(0), parts.stride(0))
+    if autotuned:
+        run[grid](*args, **consts)
+        return y
     kernel = run.fn if hasattr(run, "configs") else run  # a fixed config bypasses the autotuner
     if not INTERPRET:
         cfg.setdefault("num_warps", 4)
-    kernel[grid](*tensors, y, m, n, k, *scalars, bucket, *strides, *strides_y, **consts, **cfg)
-    return y.sum(0, dtype=x.dtype) if cfg["SPLIT"] > 1 else y
+    kernel[grid](*args, **consts, **cfg)
+    return y
 
 
-def _output(slots: int, m: int, n: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The kernel's y and its (row, slot) strides: y itself in x's dtype for one slot, else fp32
-    partial sums, one (M, N) slot per K split."""
-    if slots == 1:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        return y, (y.stride(0), 0)
-    y = torch.empty(slots, m, n, device=x.device, dtype=torch.float32)
-    return y, (y.stride(1), y.stride(0))
+def _counts(device: torch.device, need: int) -> torch.Tensor:
+    """The device's split-K arrival counts (zeros; every kernel leaves them at zero). Allocated once
+    and never replaced, so CUDA graphs that captured it keep a valid address."""
+    if need > COUNTERS:
+        raise ValueError(f"M x N / 8 = {need} output tiles exceed the split-K counters ({COUNTERS}); "
+                         "use fewer rows at decode")
+    key = (device.type, device.index)
+    if key not in _counters:
+        _counters[key] = torch.zeros(COUNTERS, device=device, dtype=torch.int32)
+    return _counters[key]
 
 if triton is not None:
     @triton.jit
@@ -220,7 +231,24 @@ if triton is not None:
         return (words & (((1 << BITS) - 1) << P)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys):
-        """The finished tile in y's dtype (SPLIT 1), or this program's fp32 partial sum (slot pid_k)."""
-        tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    def store_tile(y_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ps,
+                   SPLIT: tl.constexpr):
+        """The finished tile in y's dtype. Split K: this program's fp32 partial sum goes to slot pid_k;
+        the tile's last program to arrive (an acq_rel atomic count, after a barrier so every thread's
+        partial is written) adds the SPLIT slots in order (the same sum whichever program is last),
+        stores y, and puts the count back to 0 for the next launch."""
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT == 1:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            part = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # slot (M, N), contiguous
+            tl.store(part + pid_k * stride_ps, acc, mask=ok)
+            tl.debug_barrier()
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT):
+                    total += tl.load(part + s * stride_ps, mask=ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty),
+                         mask=ok)
+                tl.atomic_xchg(count_ptr + tile, 0)

@@ -109,8 +109,8 @@ if triton is not None:
         return _term(words, high, x3, J0 + 3, BITS, part)
 
     @triton.jit
-    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G_COUNT, M_BUCKET,
-                      stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
+    def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, K, G_COUNT, M_BUCKET,
+                      stride_xm, stride_wn, stride_sn, stride_ym, stride_ps,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       LOOP_STAGES: tl.constexpr):
@@ -179,7 +179,7 @@ if triton is not None:
                     acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc_w, axis=1), (1, BLOCK_N))
-        store_tile(y_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ys)
+        store_tile(y_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, pid_k, stride_ym, stride_ps, SPLIT)
 
     # GEMV tiles: sizePerThread [1, 4] words and 8 x 4 threads a warp, so 64 to 256 rows give each
     # thread 2 to 8 rows (SASS per int4 value at sm_90, scripts/kernel_ptx.py: 3.71 at 64 x 128, 3.66

@@ -52,8 +52,8 @@ def main() -> int:
              "v_ptr": "*i32" if args.int4 else "*bf16"}
     strides = ["stride_xm", "stride_wn", "stride_sn"] if args.kernel == "wna16" else \
         ["stride_xm", "stride_vn", "stride_mn", "stride_sn"]
-    sig = {t: kinds[t] for t in tensors} | {"y_ptr": "*bf16" if args.split == 1 else "*fp32"}
-    sig |= {n: "i32" for n in ["M", "N", "K", "G_COUNT", "M_BUCKET", *strides, "stride_ym", "stride_ys"]}
+    sig = {t: kinds[t] for t in tensors} | {"y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+    sig |= {n: "i32" for n in ["M", "N", "K", "G_COUNT", "M_BUCKET", *strides, "stride_ym", "stride_ps"]}
     consts = {"GROUP": args.group, "SPLIT": args.split, "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
               "BLOCK_K": bk,
               "LOOP_STAGES": args.stages if args.loop_stages is None else args.loop_stages}
@@ -63,7 +63,8 @@ def main() -> int:
     fn = wna16._wna16_kernel if args.kernel == "wna16" else sparse24._sparse24_kernel
     names = list(fn.arg_names)
     sig = {n: sig.get(n, "constexpr") for n in names}
-    aligned = {"x_ptr", "w_ptr", "v_ptr", "meta_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K", *strides, "stride_ym"}
+    aligned = {"x_ptr", "w_ptr", "v_ptr", "meta_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K",
+               *strides, "stride_ym", "stride_ps"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}  # as the launcher sees them
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                                     attrs=attrs)

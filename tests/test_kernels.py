@@ -109,8 +109,8 @@ def test_kernel_model_from_a_2_4_int4_export_computes_the_exported_logits(tmp_pa
                                            "LOOP_STAGES": 3})])
 def test_the_autotuned_path_adds_exactly_the_chosen_configs_partial_sums(monkeypatch, m, tiles):
     """CUDA's launch path (an autotuner picks tiles and split; decode writes fp32 partials into
-    MAX_SPLIT slots, of which the chosen config's are added), run here through a real one-config
-    Triton autotuner: summing any other number of slots, or reading uninitialized ones, fails."""
+    MAX_SPLIT slots, and the last program of each tile adds the chosen config's), run here through
+    a real one-config Triton autotuner: summing any other number of slots, or unwritten ones, fails."""
     from kernels import sparse24, wna16
     from kernels.selftest import random_meta, random_packed
     from kernels.sparse24 import torch_sparse24
@@ -129,6 +129,31 @@ def test_the_autotuned_path_adds_exactly_the_chosen_configs_partial_sums(monkeyp
     codes, meta = random_packed(40, 128, 4, g), random_meta(40, 256, g)
     torch.testing.assert_close(triton_sparse24(x, codes, meta, scale), torch_sparse24(x, codes, meta, scale),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,tiles", [(1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 3}),
+                                     (5, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 4})])
+def test_split_k_is_finished_in_the_kernel_from_this_calls_partials(m, tiles):
+    """Split K in one launch: each tile's last program adds the SPLIT partial sums and stores y, then
+    puts its arrival count back to 0. Two calls in a row on different x: a count left behind (the
+    second call's tiles never finish), or a sum over the wrong slots, gives a wrong y. (The
+    interpreter runs programs one after another, so the race a GPU could expose, a tile finished
+    before its last partial landed, is checked on CUDA: the self-test's split-K shapes.)"""
+    from kernels import tiles as shared
+    from kernels.selftest import random_meta, random_packed
+    from kernels.sparse24 import torch_sparse24
+    from kernels.wna16 import torch_wna16
+
+    g = torch.Generator().manual_seed(1)
+    packed, scale = random_packed(48, 320, 4, g), torch.rand(48, 5, generator=g) * 0.02
+    codes, meta = random_packed(48, 160, 4, g), random_meta(48, 320, g)
+    for _ in range(2):
+        x = torch.randn(m, 320, generator=g)
+        torch.testing.assert_close(triton_wna16(x, packed, scale, None, 4, config=tiles),
+                                   torch_wna16(x, packed, scale, None, 4), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(triton_sparse24(x, codes, meta, scale, config=tiles),
+                                   torch_sparse24(x, codes, meta, scale), rtol=1e-5, atol=1e-5)
+        assert not shared._counts(x.device, 1).any()  # every tile's count is back at 0
 
 
 @pytest.mark.parametrize("bits,zero", [(4, True), (8, False)], ids=["w4-asym", "w8"])
