@@ -182,7 +182,7 @@ def eval_tables(results: dict) -> str:
                   format_table(results["speculative"], spec_cols)]
     elif results["speculative"]:
         spec_cols = ["k", "n_prompts", "acceptance_rate", "mean_accepted_per_pass", "target_tokens_per_s", "spec_tokens_per_s",
-                     "speedup", "exact_match", "first_divergence", "dtype", "hf_assisted_tokens_per_s",
+                     "speedup", "exact_match", "first_divergence", "dtype", "graphs", "hf_assisted_tokens_per_s",
                      "hf_assisted_same_output", "stopped"]
         parts += ["", "## Speculative decoding (student drafts, teacher verifies)", "",
                   format_table(results["speculative"], spec_cols)]

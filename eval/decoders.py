@@ -153,6 +153,15 @@ class GraphDecoder:
         self.graphs[n] = (graph, ids_buffer, logits)
 
 
+def serves_graphs(model) -> bool:
+    """Whether ``graphs=True`` would capture this model's decode steps: a CUDA model whose KV cache is
+    all full attention (what GraphDecoder takes)."""
+    if model.device.type != "cuda":
+        return False
+    layers = StaticCache(config=model.config, max_cache_len=1).layers
+    return all(type(layer) is StaticLayer for layer in layers)
+
+
 def decoder(model, max_len: int, graphs: bool):
     """An EagerDecoder, or this model's GraphDecoder emptied for a new prompt (a new one, its length
     rounded up to a multiple of 256, when max_len outgrows it)."""

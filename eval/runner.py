@@ -27,6 +27,7 @@ from compress.export import bytes_on_disk
 from compress.metrics import bits_per_byte, pair_metrics
 from compress.models import param_count
 from eval.harness import run_lm_eval
+from eval.decoders import serves_graphs
 from eval.speculative import assisted_generate_hf, serve_prompts, serve_prompts_across_tokenizers
 
 
@@ -42,6 +43,7 @@ def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg, *, sh
     """One row per k. The teacher's greedy baseline runs once per prompt (shared by every k); a
     hopeless draft or a spent time budget stops the check early, and the rows say so."""
     deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+    graphs = cfg.graphs if cfg.graphs is not None else serves_graphs(teacher) and serves_graphs(student)
     baseline: dict = {}
     rows: list[dict] = []
     with tqdm(total=len(cfg.ks) * len(prompts), desc="speculative decoding (k x prompts)", disable=not show,
@@ -57,7 +59,9 @@ def speculative_report(teacher, student, prompts: list[torch.Tensor], cfg, *, sh
             bar.set_postfix(k=k)
             stats = serve_prompts(teacher, student, prompts, k=k, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, baseline=baseline, deadline=deadline,
-                                  hopeless_below=cfg.hopeless_acceptance, outputs=outputs, progress=bar)
+                                  hopeless_below=cfg.hopeless_acceptance, outputs=outputs, progress=bar,
+                                  graphs=graphs)
+            stats["graphs"] = graphs
             if cfg.compare_hf and cfg.temperature == 0:
                 n = min(cfg.hf_prompts, len(outputs))
                 assisted_generate_hf(teacher, student, prompts[0], 2, k=k)  # warm-up, untimed

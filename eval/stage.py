@@ -46,6 +46,10 @@ class SpeculativeCheck(Strict):
     # drafts cannot pay off at any k; and the whole check gets at most this many seconds.
     hopeless_acceptance: float = Field(0.05, ge=0, le=1)
     time_budget_s: float | None = Field(120.0, gt=0)
+    # Both models on static KV caches with CUDA-graph decode steps (eval.decoders), as a server runs
+    # them; null: on CUDA for full-attention models, eager elsewhere (measured on an H200: the
+    # teacher decodes 6-12x faster that way, so eager timings there say little about serving)
+    graphs: bool | None = None
 
 
 class Gates(Strict):

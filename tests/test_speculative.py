@@ -386,3 +386,18 @@ def test_static_cache_decoder_does_not_keep_its_model_alive():
     del model
     gc.collect()
     assert ref() is None  # a served model is freed with its decoder and graphs
+
+
+def test_eval_speculative_check_serves_on_static_caches_when_asked(target, drafts, prompts):
+    from eval.decoders import serves_graphs
+    from eval.runner import speculative_report
+    from eval.stage import SpeculativeCheck
+
+    assert not serves_graphs(target)  # auto (graphs: null) is eager off CUDA
+    auto = speculative_report(target, drafts["perturbed"], prompts, SpeculativeCheck(
+        ks=[3], prompts=3, max_new_tokens=12, compare_hf=False))
+    static = speculative_report(target, drafts["perturbed"], prompts, SpeculativeCheck(
+        ks=[3], prompts=3, max_new_tokens=12, compare_hf=False, graphs=True))
+    assert (auto[0]["graphs"], static[0]["graphs"]) == (False, True)
+    assert static[0]["exact_match"] is True
+    assert static[0]["acceptance_rate"] == auto[0]["acceptance_rate"]  # the same tokens, served another way
