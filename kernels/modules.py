@@ -14,9 +14,8 @@ import logging
 import torch
 from torch import nn
 
-from kernels.sparse24 import check as check24
 from kernels.sparse24 import torch_sparse24, triton_sparse24
-from kernels.wna16 import check as check_wna16
+from kernels.tiles import INTERPRET
 from kernels.wna16 import torch_wna16, triton, triton_wna16
 
 log = logging.getLogger("kernels")
@@ -30,12 +29,10 @@ def _once(reason: str) -> None:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    import os
-
     if triton is None:
         _once("triton is not installed")
         return False
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not INTERPRET:
         _once(f"input on {x.device.type}, not CUDA")
         return False
     return True
@@ -53,8 +50,7 @@ class QuantLinearKernel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x):
-            try:
-                check_wna16(x, self.packed, self.scale, self.zero, self.bits)
+            try:  # triton_wna16 checks its inputs before anything runs
                 return triton_wna16(x, self.packed, self.scale.to(x.dtype), self.zero, self.bits, self.bias)
             except ValueError as e:
                 _once(str(e))
@@ -74,8 +70,7 @@ class Sparse24LinearKernel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = self.values if self.scale is not None else self.values.to(x.dtype)
         if _use_triton(x):
-            try:
-                check24(x, values, self.meta, self.scale)
+            try:  # triton_sparse24 checks its inputs before anything runs
                 scale = self.scale.to(x.dtype) if self.scale is not None else None
                 return triton_sparse24(x, values, self.meta, scale, self.bias)
             except ValueError as e:

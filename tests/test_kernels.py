@@ -208,3 +208,23 @@ def test_gemv_codegen_stays_within_its_instruction_budget(args, most):
                       out.stdout)
     assert found, out.stdout + out.stderr
     assert int(found.group(1)) == 0 and float(found.group(2)) <= most, out.stdout
+
+
+def test_kernel_module_falls_back_to_the_reference_for_a_shape_the_kernel_refuses(caplog):
+    """A group size the kernels do not take (48: not a power of two) gives the reference's result
+    through the module, and says why once, however many calls."""
+    from kernels import modules
+    from kernels.modules import QuantLinearKernel
+    from kernels.selftest import random_packed
+    from kernels.wna16 import torch_wna16
+
+    g = torch.Generator().manual_seed(0)
+    packed, scale = random_packed(24, 192, 4, g), torch.rand(24, 4, generator=g) * 0.02  # K 192 / 4 groups = 48
+    layer = QuantLinearKernel(packed, scale, None, 4, None)
+    x = torch.randn(3, 192, generator=g)
+    modules._said.clear()
+    with caplog.at_level("WARNING", logger="kernels"):
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), torch_wna16(x, packed, scale, None, 4))
+    said = [r.getMessage() for r in caplog.records if "reference path" in r.getMessage()]
+    assert len(said) == 1 and "group size 48" in said[0]
