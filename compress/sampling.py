@@ -10,11 +10,26 @@ eval mode for the sampling and restored after.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from compress.errors import CompressError
+
+
+@functools.cache
+def check_cache_argument() -> None:
+    """Our decoding loops pass the KV cache as ``cache=`` (transformers 5.24's name). Earlier
+    releases (5.17, on the lent GPU machines' image) call it ``past_key_values`` and swallow an
+    unknown keyword, so the model would decode each step without its context: refuse instead."""
+    import transformers
+
+    if "cache" not in inspect.signature(transformers.LlamaModel.forward).parameters:
+        raise CompressError(f"transformers {transformers.__version__} names the KV cache argument past_key_values; "
+                            "this project passes cache= (transformers 5.24): pip install -r requirements.txt")
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -44,6 +59,7 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
         raise CompressError(f"new_tokens={new_tokens}: sample at least 1 token")
     if temperature < 0 or not 0 < top_p <= 1:
         raise CompressError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+    check_cache_argument()
     was_training = model.training
     model.eval()
     try:

@@ -34,6 +34,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from compress.errors import CompressError
+from compress.sampling import check_cache_argument
 
 log = logging.getLogger("eval.decoders")
 GRAPH_MAX = 16  # feeds up to this many tokens are captured (decode steps, k + 1 verify passes)
@@ -46,6 +47,7 @@ class EagerDecoder:
     can be rolled back."""
 
     def __init__(self, model):
+        check_cache_argument()
         self.model = model
         self.cache = DynamicCache(config=model.config)
         self.cache.activate_past_recording()
@@ -73,6 +75,7 @@ class GraphDecoder:
     """A StaticCache of ``max_len`` tokens; on CUDA, feeds of n <= GRAPH_MAX tokens replay a graph."""
 
     def __init__(self, model, max_len: int):
+        check_cache_argument()
         self._model = weakref.ref(model)  # the decoder is kept per model (weakly): no cycle through it
         self.max_len, self.length = max_len, 0
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)

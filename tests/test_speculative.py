@@ -401,3 +401,24 @@ def test_eval_speculative_check_serves_on_static_caches_when_asked(target, draft
     assert (auto[0]["graphs"], static[0]["graphs"]) == (False, True)
     assert static[0]["exact_match"] is True
     assert static[0]["acceptance_rate"] == auto[0]["acceptance_rate"]  # the same tokens, served another way
+
+
+def test_a_transformers_without_the_cache_argument_is_refused(monkeypatch, target, prompts):
+    """transformers before the rename (5.17: ``past_key_values``) would take ``cache=`` silently and
+    decode every step without context; the decoders and the on-policy sampler refuse it."""
+    import transformers
+
+    from compress.sampling import check_cache_argument, sample_continuations
+
+    def old_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        raise AssertionError("never called")
+
+    check_cache_argument.cache_clear()
+    monkeypatch.setattr(transformers.LlamaModel, "forward", old_forward)
+    try:
+        with pytest.raises(CompressError, match="past_key_values"):
+            greedy_generate(target, prompts[0], 2)
+        with pytest.raises(CompressError, match="past_key_values"):
+            sample_continuations(target, prompts[1], 2)
+    finally:
+        check_cache_argument.cache_clear()
