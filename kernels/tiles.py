@@ -157,7 +157,7 @@ def launch(run, tensors: tuple, scalars: tuple, strides: tuple, m: int, n: int, 
         cfg.setdefault("LOOP_STAGES", 3)
     slots = (MAX_SPLIT if bucket <= 16 else 1) if autotuned else cfg["SPLIT"]
     parts = torch.empty(slots, m, n, device=x.device, dtype=torch.float32) if slots > 1 else y
-    counters = _counts(x.device, m * triton.cdiv(n, 8))  # enough for any tile of >= 8 columns
+    counters = _counts(x.device, m * triton.cdiv(n, 8) if slots > 1 else 0)  # any tile of >= 8 columns
     args = (*tensors, y, parts, counters, m, n, k, *scalars, bucket, *strides, y.stride(0), parts.stride(0))
     if autotuned:
         run[grid](*args, **consts)

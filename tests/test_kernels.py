@@ -228,3 +228,24 @@ def test_kernel_module_falls_back_to_the_reference_for_a_shape_the_kernel_refuse
             torch.testing.assert_close(layer(x), torch_wna16(x, packed, scale, None, 4))
     said = [r.getMessage() for r in caplog.records if "reference path" in r.getMessage()]
     assert len(said) == 1 and "group size 48" in said[0]
+
+
+def test_prefill_does_not_need_split_k_counters():
+    """Only split-K launches count arrivals: a prefill (M > 16, never split) larger than the counter
+    buffer (M x N / 8 tiles) still runs the kernel, not the reference fallback."""
+    from kernels import tiles
+    from kernels.selftest import random_packed
+    from kernels.wna16 import torch_wna16
+
+    g = torch.Generator().manual_seed(0)
+    packed, scale = random_packed(64, 64, 4, g), torch.rand(64, 1, generator=g) * 0.02
+    x = torch.randn(40, 64, generator=g)
+    saved = tiles.COUNTERS
+    try:
+        tiles.COUNTERS = 16  # fewer than 40 x 64 / 8 tiles
+        y = triton_wna16(x, packed, scale, None, 4, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 1})
+        with pytest.raises(ValueError, match="split-K counters"):
+            triton_wna16(x[:3], packed, scale, None, 4, config={"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2})
+    finally:
+        tiles.COUNTERS = saved
+    torch.testing.assert_close(y, torch_wna16(x, packed, scale, None, 4), rtol=1e-5, atol=1e-5)
