@@ -37,8 +37,31 @@ RUN_FILES = ("stages", "final", "metrics.jsonl", "recipe.yaml", "run.json", "sum
              "eval.json", "report.md", "report.html", "figures", "wandb")
 
 
+STALE_LOCK_S = 600  # a JIT build of DeepSpeed's small CPU op takes about a minute
+
+
+def check_build_locks(now: float | None = None) -> None:
+    """DeepSpeed JIT-builds a small op on its first CPU start, under a lock file in torch's extensions
+    folder; a build killed midway leaves the lock, and every later start waits on it forever,
+    silently. A lock older than STALE_LOCK_S is refused in one line naming the file."""
+    import time
+
+    roots = [os.environ.get("TORCH_EXTENSIONS_DIR"), os.path.expanduser("~/.cache/torch_extensions")]
+    now = time.time() if now is None else now
+    for root in filter(None, roots):
+        for lock in Path(root).glob("*/*/lock"):
+            try:
+                age = now - lock.stat().st_mtime
+            except OSError:  # the build that held it just finished
+                continue
+            if age > STALE_LOCK_S:
+                raise CompressError(f"{lock} is {age / 60:.0f} min old: a killed extension build left it and DeepSpeed "
+                                    "would wait on it forever; delete it (if no build is running) and start again")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; plain ``python`` gets single-process defaults."""
+    check_build_locks()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

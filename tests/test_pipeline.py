@@ -138,3 +138,24 @@ def test_gpu_run_trains_in_bf16(tiny_teacher, tmp_path):
     assert info["precision"] == "bf16"  # auto on a GPU: bf16 compute, fp32 master weights
     assert info["metrics"]["final"]["kl"] < info["metrics"]["init"]["kl"]
     assert AutoModelForCausalLM.from_pretrained(out / "final").dtype == torch.bfloat16
+
+
+def test_a_stale_extension_build_lock_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """A JIT build killed midway leaves its lock, and DeepSpeed's next start would wait forever;
+    one older than STALE_LOCK_S is refused naming the file, a fresh one (a build running) is not."""
+    import os
+
+    from compress.errors import CompressError
+    from compress.pipeline import STALE_LOCK_S, check_build_locks
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # only this folder
+    now = lock.stat().st_mtime
+    check_build_locks(now + 60)  # a build in progress: waited on, as DeepSpeed does
+    with pytest.raises(CompressError, match=f"{lock}.*delete it"):
+        check_build_locks(now + STALE_LOCK_S + 60)
+    os.remove(lock)
+    check_build_locks(now + STALE_LOCK_S + 60)
