@@ -180,6 +180,7 @@ def _counts(device: torch.device, need: int) -> torch.Tensor:
         _counters[key] = torch.zeros(COUNTERS, device=device, dtype=torch.int32)
     return _counters[key]
 
+
 if triton is not None:
     @triton.jit
     def k_range(pid_k, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
