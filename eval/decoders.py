@@ -165,11 +165,14 @@ def serves_graphs(model) -> bool:
     return all(type(layer) is StaticLayer for layer in layers)
 
 
-def decoder(model, max_len: int, graphs: bool):
+def decoder(model, max_len: int, graphs: bool, private: bool = False):
     """An EagerDecoder, or this model's GraphDecoder emptied for a new prompt (a new one, its length
-    rounded up to a multiple of 256, when max_len outgrows it)."""
+    rounded up to a multiple of 256, when max_len outgrows it). ``private``: a GraphDecoder of its
+    own, not kept (a model that drafts for itself needs two caches)."""
     if not graphs:
         return EagerDecoder(model)
+    if private:
+        return GraphDecoder(model, max_len)
     dec = _graph_decoders.get(model)
     if dec is None or dec.max_len < max_len:
         dec = _graph_decoders[model] = GraphDecoder(model, -(-max_len // 256) * 256)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from compress.errors import CompressError
 from eval.decoders import decoder
 
@@ -75,7 +76,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, max_new_toke
     vocab = _shared_vocab(target, draft)
     max_len = input_ids.shape[1] + max_new_tokens + k + 1
     with torch.inference_mode():
-        t_dec, d_dec = decoder(target, max_len, graphs), decoder(draft, max_len, graphs)
+        # a model drafting for itself needs a second cache of its own
+        t_dec, d_dec = decoder(target, max_len, graphs), decoder(draft, max_len, graphs, private=draft is target)
         return _speculate(t_dec, d_dec, input_ids[0].to(target.device), max_new_tokens, k,
                           temperature, generator, eos_token_id, vocab)
 

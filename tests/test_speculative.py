@@ -329,6 +329,12 @@ def test_static_cache_speculative_equals_greedy(target, drafts, prompts, kind, k
         assert (res.accepted, res.proposed, res.target_passes) == (eager.accepted, eager.proposed, eager.target_passes)
 
 
+def test_static_cache_model_drafting_for_itself_gets_two_caches(target, prompts):
+    for ids in prompts:
+        res = speculative_generate(target, target, ids, max_new_tokens=17, k=4, graphs=True)
+        assert res.acceptance_rate == 1.0 and torch.equal(res.tokens, greedy_generate(target, ids, 17))
+
+
 def test_static_cache_decoder_reuse_and_bounds(target, prompts):
     from eval.decoders import GraphDecoder, decoder
 
