@@ -59,6 +59,36 @@ def check_build_locks(now: float | None = None) -> None:
                                     "would wait on it forever; delete it (if no build is running) and start again")
 
 
+_held: dict = {}  # output_dir -> its open lock file, for this process's life
+
+
+def hold_output_dir(out: Path) -> None:
+    """One run at a time in an output_dir: an exclusive lock on ``<out>/.run.lock``, which the OS
+    releases when the process ends (SIGKILL included, so a crashed run resumes). A second run in the
+    same folder would mix checkpoints and exports; it is refused in one line naming the holder's pid.
+    Re-entrant within a process."""
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _held:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise CompressError(f"{out} is in use by another run (pid {holder}); wait for it to end or give another "
+                            "output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _held[key] = f
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; plain ``python`` gets single-process defaults."""
     check_build_locks()
@@ -211,6 +241,7 @@ def run(recipe: Recipe, fresh: bool = False, resume: bool = False) -> dict:
     is_main = rank == 0
     barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
     if is_main:
+        hold_output_dir(out)
         if fresh:
             for name in RUN_FILES:
                 p = out / name

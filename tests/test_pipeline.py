@@ -1,6 +1,7 @@
 """End to end on tiny models, the way users run it: `python launch/distill.py --recipe ...`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,28 @@ def test_a_stale_extension_build_lock_is_refused_not_waited_on(tmp_path, monkeyp
         check_build_locks(now + STALE_LOCK_S + 60)
     os.remove(lock)
     check_build_locks(now + STALE_LOCK_S + 60)
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
+    """Two runs in one output_dir would mix checkpoints and exports (seen here: a benchmark started
+    twice); the second is refused naming the first's pid, and the folder is free once it ends."""
+    import subprocess
+    import sys
+
+    from compress.errors import CompressError
+    from compress.pipeline import _held, hold_output_dir
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from compress.pipeline import hold_output_dir; "
+                               f"hold_output_dir(__import__('pathlib').Path({str(out)!r})); print('held', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CompressError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            hold_output_dir(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_output_dir(out)  # released when its holder died (as after a SIGKILL)
+    hold_output_dir(out)  # and re-entrant in this process
+    _held.pop(str(out.resolve())).close()
