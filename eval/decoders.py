@@ -79,7 +79,7 @@ class GraphDecoder:
         self._model = weakref.ref(model)  # the decoder is kept per model (weakly): no cycle through it
         self.max_len, self.length = max_len, 0
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+        if not _full_attention(self.cache):
             kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
             raise CompressError(f"graphs=True serves full-attention models only ({type(model).__name__} has cache "
                                 f"layers {kinds}); pass graphs=False")
@@ -159,10 +159,13 @@ class GraphDecoder:
 def serves_graphs(model) -> bool:
     """Whether ``graphs=True`` would capture this model's decode steps: a CUDA model whose KV cache is
     all full attention (what GraphDecoder takes)."""
-    if model.device.type != "cuda":
-        return False
-    layers = StaticCache(config=model.config, max_cache_len=1).layers
-    return all(type(layer) is StaticLayer for layer in layers)
+    return model.device.type == "cuda" and _full_attention(StaticCache(config=model.config, max_cache_len=1))
+
+
+def _full_attention(cache: StaticCache) -> bool:
+    """Every layer of the static cache a plain full-attention one (no sliding window, no linear
+    attention): what GraphDecoder's mask and positions assume."""
+    return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 def decoder(model, max_len: int, graphs: bool, private: bool = False):
