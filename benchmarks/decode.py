@@ -69,9 +69,9 @@ def decode_speed(model, prompts, new_tokens: int, device, graphs: bool) -> tuple
 
 def graph_error(model) -> str | None:
     """Why capturing this model's decode steps failed (they then ran eagerly), if it did."""
-    from eval.decoders import _graph_decoders
+    from eval.decoders import graph_decoder
 
-    dec = _graph_decoders.get(model)
+    dec = graph_decoder(model)
     return dec.graph_error if dec is not None else "no graph decoder was made"
 
 

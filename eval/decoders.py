@@ -168,6 +168,12 @@ def _full_attention(cache: StaticCache) -> bool:
     return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
+def graph_decoder(model):
+    """The GraphDecoder this model serves with (None before its first graphs=True call): its
+    ``graph_error`` says why a capture failed, ``graphs`` which feed lengths were captured."""
+    return _graph_decoders.get(model)
+
+
 def decoder(model, max_len: int, graphs: bool, private: bool = False):
     """An EagerDecoder, or this model's GraphDecoder emptied for a new prompt (a new one, its length
     rounded up to a multiple of 256, when max_len outgrows it). ``private``: a GraphDecoder of its
