@@ -1,6 +1,11 @@
-"""Weight quantization on the real teacher: RTN vs QAT with CE vs QAT with KD, int4 g64, over seeds.
+"""Weight quantization on the real teacher: RTN vs GPTQ vs QAT with CE vs QAT with KD (from round
+to nearest or from GPTQ), in every format (int8, int4 g64/g32, FP8, NVFP4, MXFP4), over seeds.
 
     .venv/bin/python benchmarks/qat_kd.py [--arms rtn_int4_g64,qat_kd_int4_g64,...] [--seeds 0,1,2] [--jobs 1]
+
+Arms: ``rtn_<f>`` and ``qat_kd_<f>`` for every format f in FORMATS, ``gptq_<f>`` and
+``qat_kd_gptq_<f>`` for the 4-bit ones, ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` and a few
+W8A8 / KV-cache PTQ settings (``--help`` lists them).
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher (`student.init: teacher`) and one quantization stage; training arms take 150 steps x
@@ -33,29 +38,31 @@ def ptq(weights: str, extra: str = "") -> tuple[str, str]:
     return "{init: teacher}", f"[{{kind: quantize, weights: {{{weights}}}{', ' + extra if extra else ''}}}]"
 
 
+# every format the qat / quantize stages take, as its `weights:` mapping
+FORMATS = {"int8": "bits: 8, group_size: null", "int4_g64": "bits: 4, group_size: 64",
+           "int4_g32": "bits: 4, group_size: 32", "fp8": "format: fp8", "nvfp4": "format: nvfp4",
+           "mxfp4": "format: mxfp4"}
+FOUR_BIT = ("int4_g64", "int4_g32", "nvfp4", "mxfp4")  # where GPTQ and QAT from GPTQ are worth an arm
+
+
+def qat(weights: str, extra: str = "") -> tuple[str, str, list[str]]:
+    return "{init: teacher}", f"[{{kind: qat, weights: {{{weights}}}{', ' + extra if extra else ''}}}]", TRAIN
+
+
 ARMS = {
-    "rtn_int8": ptq("bits: 8, group_size: null"),
-    "rtn_int4_g64": ptq("bits: 4, group_size: 64"),
-    # post-training formats and GPTQ (no training: one seed says it all)
-    "rtn_int4_g32": ptq("bits: 4, group_size: 32"),
-    "gptq_int4_g32": ptq("bits: 4, group_size: 32", GPTQ),
-    "gptq_int4_g64": ptq("bits: 4, group_size: 64", GPTQ),
-    "rtn_fp8": ptq("format: fp8"),
+    **{f"rtn_{f}": ptq(w) for f, w in FORMATS.items()},
+    **{f"gptq_{f}": ptq(FORMATS[f], GPTQ) for f in FOUR_BIT},
+    # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
     "rtn_w8a8_fp8_kv_fp8": ptq("format: fp8, activations: fp8", KV8),
     "rtn_int8_kv_fp8": ptq("bits: 8, group_size: null", KV8),
-    "rtn_nvfp4": ptq("format: nvfp4"),
-    "gptq_nvfp4": ptq("format: nvfp4", GPTQ),
-    "rtn_mxfp4": ptq("format: mxfp4"),
-    "gptq_mxfp4": ptq("format: mxfp4", GPTQ),
-    "qat_ce_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, kd_weight: 0.0, ce_weight: 1.0}}]", TRAIN),
-    "qat_kd_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}}}]", TRAIN),
-    # QAT-KD starting from GPTQ's latent weights, its scales held fixed
-    "qat_kd_gptq_int4_g64": ("{init: teacher}", f"[{{kind: qat, {W4}, {GPTQ}}}]", TRAIN),
-    # ... and its scales trained from GPTQ's (LSQ)
-    "qat_kd_gptq_lsq_int4_g64": ("{init: teacher}",
-                                 f"[{{kind: qat, weights: {{bits: 4, group_size: 64, learn_scales: true}}, {GPTQ}}}]", TRAIN),
+    # QAT: with CE only, with KD from round to nearest, with KD from GPTQ's latent weights (its scales
+    # held fixed), and for int4 g64 with its scales trained from GPTQ's (LSQ)
+    "qat_ce_int4_g64": qat(FORMATS["int4_g64"], "kd_weight: 0.0, ce_weight: 1.0"),
+    **{f"qat_kd_{f}": qat(w) for f, w in FORMATS.items()},
+    **{f"qat_kd_gptq_{f}": qat(FORMATS[f], GPTQ) for f in FOUR_BIT},
+    "qat_kd_gptq_lsq_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", GPTQ),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}
@@ -91,23 +98,32 @@ def with_eval(arms: dict, tasks: list[str]) -> dict:
 
 
 def _verdict(stats: dict) -> dict:
-    v, kd, rtn = {}, stats.get("qat_kd_int4_g64"), stats.get("rtn_int4_g64")
-    if kd is None:
-        return v
-    for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
-        ms = kd[m]
-        if ms["std"] is None:
-            v[f"QAT-KD {m} goal {goal}"] = f"no claim (one seed): {pm(ms)}"
+    """The issue's goals for int4 g64 QAT-KD (from round to nearest and from GPTQ), and for every
+    QAT-KD arm the share of its format's RTN gap it recovers (goal 90%, ppl ratio and KL)."""
+    v = {}
+    for arm in ("qat_kd_int4_g64", "qat_kd_gptq_int4_g64"):
+        for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
+            if arm not in stats:
+                continue
+            ms = stats[arm][m]
+            if ms["std"] is None:
+                v[f"{arm} {m} goal {goal}"] = f"no claim (one seed): {pm(ms)}"
+                continue
+            lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
+            met = hi <= goal if better == "lower" else lo >= goal
+            missed = lo > goal if better == "lower" else hi < goal
+            v[f"{arm} {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
+    for arm, st in stats.items():
+        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_")
+        rtn = stats.get(f"rtn_{fmt}")
+        if not arm.startswith("qat_kd_") or rtn is None or fmt not in FORMATS:
             continue
-        lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
-        met = hi <= goal if better == "lower" else lo >= goal
-        missed = lo > goal if better == "lower" else hi < goal
-        v[f"QAT-KD {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
-    if rtn is not None:
         for m, base in (("ppl_ratio", 1.0), ("kl", 0.0)):
-            rec = (rtn[m]["mean"] - kd[m]["mean"]) / (rtn[m]["mean"] - base)
-            v[f"QAT-KD recovers >= 90% of RTN's {m} gap"] = f"{'met' if rec >= 0.9 else 'not met'} ({rec:.0%} of the means)"
-    if "qat_ce_int4_g64" in stats:
+            rec = (rtn[m]["mean"] - st[m]["mean"]) / (rtn[m]["mean"] - base)
+            v[f"{arm} recovers >= 90% of rtn_{fmt}'s {m} gap"] = \
+                f"{'met' if rec >= 0.9 else 'not met'} ({rec:.0%} of the means)"
+    kd = stats.get("qat_kd_int4_g64")
+    if kd is not None and "qat_ce_int4_g64" in stats:
         for m in ("kl", "top1_agreement", "ppl_ratio"):
             v[f"QAT-KD vs QAT-CE, {m}"] = f"{compare(kd[m], stats['qat_ce_int4_g64'][m], METRICS[m][1])} " \
                                          f"({pm(kd[m])} vs {pm(stats['qat_ce_int4_g64'][m])})"

@@ -12,6 +12,7 @@ tokenizers (cheap) before any weights load.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 from contextlib import contextmanager
@@ -60,6 +61,16 @@ def resolve_source(source: str) -> ModelSource:
 
 
 def load_config(source: str):
+    """The model's HF config (a fresh copy each call: callers edit it)."""
+    src = resolve_source(source)
+    path = Path(src.directory) / (src.gguf_file or "config.json")
+    return copy.deepcopy(_read_config(str(src), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_config(source: str, mtime_ns: int):
+    # reading a GGUF's config parses all its metadata (seconds for SmolLM2's vocabulary): once per
+    # file version; the mtime in the key makes a rewritten file read again
     from transformers import AutoConfig
 
     src = resolve_source(source)

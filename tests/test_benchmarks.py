@@ -1,0 +1,37 @@
+"""Every arm of every sweep benchmark is a recipe that passes the pre-flight checks: a schema or
+check change that breaks a benchmark fails here, not an hour into a run."""
+
+import importlib
+
+import pytest
+
+from compress.models import check_fit
+from compress.recipe import load_recipe
+
+SWEEPS = ["gqa", "on_policy", "prune_kd", "qat_kd", "sparsity", "upcycle"]
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_benchmark_arm_is_a_valid_recipe(name):
+    bench = importlib.import_module(f"benchmarks.{name}")
+    recipe_path = getattr(bench, "RECIPE", None) or bench.DEFAULT_RECIPE
+    assert bench.ARMS
+    for arm, (student, stages, *more) in bench.ARMS.items():
+        recipe = load_recipe(recipe_path, [f"student={student}", f"stages={stages}", *(more[0] if more else []),
+                                           "seed=1", "wandb.mode=disabled"])
+        check_fit(recipe)  # the stage checks against the model configs, no weights loaded
+        assert recipe.stages, arm
+
+
+def test_qat_benchmark_pairs_every_qat_arm_with_its_format():
+    from benchmarks import qat_kd
+
+    for arm in qat_kd.ARMS:
+        if arm.startswith("qat_kd_") and arm != "qat_kd_gptq_lsq_int4_g64":
+            fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_")
+            assert f"rtn_{fmt}" in qat_kd.ARMS, arm  # its recovery verdict has a baseline
+    stats = {a: {m: {"mean": v, "std": 0.01} for m, v in (("ppl_ratio", r), ("kl", k), ("top1_agreement", 0.8))}
+             for a, r, k in (("rtn_nvfp4", 1.2, 0.3), ("qat_kd_nvfp4", 1.02, 0.03), ("qat_kd_gptq_nvfp4", 1.1, 0.2))}
+    v = qat_kd._verdict(stats)
+    assert v["qat_kd_nvfp4 recovers >= 90% of rtn_nvfp4's kl gap"].startswith("met (90%")
+    assert v["qat_kd_gptq_nvfp4 recovers >= 90% of rtn_nvfp4's ppl_ratio gap"].startswith("not met (50%")
