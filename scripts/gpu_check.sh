@@ -5,8 +5,10 @@
 # carried (scripts/device_payload.sh), the CUDA-graph decoding test and the end-to-end decode
 # benchmark. Logs and results go to $OUT (or ./gpu_out). Each step has its own time limit, so one
 # that hangs leaves the others.
-#     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode
+#     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode qat
 #                                            (default: the first three)
+# qat (needs the whole payload: teacher, data, deepspeed): the QAT benchmark's arms in $QAT_ARMS
+# (default: every float format and QAT from GPTQ, with their RTN baselines) over 3 seeds, 6 at once
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -37,7 +39,11 @@ for step in $steps; do
     decode) timeout ${DECODE_TIMEOUT:-400} python3 benchmarks/decode.py ${DECODE_ARGS:---in-memory int4,s24int4 --synthetic 8} \
               --tag decode_cuda > "$OUT/decode.log" 2>&1
             rc=$?; cp benchmarks/results/decode_cuda.* "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode)"; continue ;;
+    qat) arms=${QAT_ARMS:-rtn_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_int4_g64,qat_kd_gptq_lsq_int4_g64,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4}
+         timeout ${QAT_TIMEOUT:-540} python3 benchmarks/qat_kd.py --arms "$arms" --seeds 0,1,2 --jobs 6 \
+           --runs /tmp/bench_qat --tag qat_formats_cuda > "$OUT/qat.log" 2>&1
+         rc=$?; cp benchmarks/results/qat_formats_cuda.* "$OUT/" 2>/dev/null ;;
+    *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode, qat)"; continue ;;
   esac
   echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
 done
