@@ -63,6 +63,8 @@ ARMS = {
     **{f"qat_kd_{f}": qat(w) for f, w in FORMATS.items()},
     **{f"qat_kd_gptq_{f}": qat(FORMATS[f], GPTQ) for f in FOUR_BIT},
     "qat_kd_gptq_lsq_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", GPTQ),
+    # the same as qat_kd_gptq_int4_g64 on 4x the tokens (600 steps): what the recovery goal costs
+    "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], [*TRAIN, "train.max_steps=600"]),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}
@@ -114,7 +116,7 @@ def _verdict(stats: dict) -> dict:
             missed = lo > goal if better == "lower" else hi < goal
             v[f"{arm} {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
     for arm, st in stats.items():
-        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_")
+        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removesuffix("_600")
         rtn = stats.get(f"rtn_{fmt}")
         if not arm.startswith("qat_kd_") or rtn is None or fmt not in FORMATS:
             continue
