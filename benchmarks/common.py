@@ -187,26 +187,23 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     for a, by_seed in results.items():
         for s, r in by_seed.items():
             if tasks:
-                r["tasks"], r["teacher_tasks"] = score_tasks(REPO / plans[a, s][0], plans[a, s][2], tasks, env,
-                                                             args.aggregate)
+                r["tasks"], r["teacher_tasks"] = score_tasks(REPO / plans[a, s][0], plans[a, s][2], tasks, env)
     wall = time.time() - t0
     if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
         wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
     return results, plans, wall
 
 
-def score_tasks(out: Path, recipe: dict, tasks: list[str], env: dict, cached_only: bool = False) -> tuple[dict, dict]:
+def score_tasks(out: Path, recipe: dict, tasks: list[str], env: dict) -> tuple[dict, dict]:
     """({task: score} of the run's export, the teacher's) from launch/evaluate.py with no speculative
-    check, kept in <out>/eval_tasks/eval.json and reused while it holds the same tasks. With
-    ``cached_only`` (--aggregate) a missing score is left out instead of computed."""
+    check, kept in <out>/eval_tasks/eval.json and reused while it holds the same tasks (also with
+    --aggregate: it trains nothing, but scores finished runs)."""
     path = out / "eval_tasks/eval.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = None
     if saved is None or sorted(saved.get("tasks") or []) != sorted(tasks):
-        if cached_only:
-            return {}, {}
         cmd = [sys.executable, str(REPO / "launch/evaluate.py"), "--model", str(out / "final"), "--teacher",
                recipe["teacher"]["source"], "--tasks", ",".join(tasks), "--no-spec", "--out", str(out / "eval_tasks")]
         print(f"score {', '.join(tasks)} on {out}", flush=True)
