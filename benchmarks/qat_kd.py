@@ -4,8 +4,9 @@ to nearest or from GPTQ), in every format (int8, int4 g64/g32, FP8, NVFP4, MXFP4
     .venv/bin/python benchmarks/qat_kd.py [--arms rtn_int4_g64,qat_kd_int4_g64,...] [--seeds 0,1,2] [--jobs 1]
 
 Arms: ``rtn_<f>`` and ``qat_kd_<f>`` for every format f in FORMATS, ``gptq_<f>`` and
-``qat_kd_gptq_<f>`` for the 4-bit ones, ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` and a few
-W8A8 / KV-cache PTQ settings (``--help`` lists them).
+``qat_kd_gptq_<f>`` for the 4-bit ones, block-wise reconstruction (``*blockwise*``, after round to
+nearest or GPTQ, as PTQ and as QAT's start), ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` and a
+few W8A8 / KV-cache PTQ settings (``--help`` lists them).
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher (`student.init: teacher`) and one quantization stage; training arms take 150 steps x
@@ -30,6 +31,7 @@ RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
 TRAIN = EQUAL_TOKENS
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
+BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # each layer trained towards the teacher's output, same 16k tokens
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 
 
@@ -51,6 +53,9 @@ def qat(weights: str, extra: str = "") -> tuple[str, str, list[str]]:
 ARMS = {
     **{f"rtn_{f}": ptq(w) for f, w in FORMATS.items()},
     **{f"gptq_{f}": ptq(FORMATS[f], GPTQ) for f in FOUR_BIT},
+    # block-wise reconstruction after round to nearest / after GPTQ (compress.blockwise)
+    "blockwise_int4_g64": ptq(FORMATS["int4_g64"], BLOCKWISE),
+    "gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -62,6 +67,9 @@ ARMS = {
     **{f"qat_kd_{f}": qat(w) for f, w in FORMATS.items()},
     **{f"qat_kd_gptq_{f}": qat(FORMATS[f], GPTQ) for f in FOUR_BIT},
     "qat_kd_gptq_lsq_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", GPTQ),
+    # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
+    "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
+    "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
     # the same as qat_kd_gptq_int4_g64 on 4x the tokens (600 steps): what the recovery goal costs
     "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], [*TRAIN, "train.max_steps=600"]),
 }
@@ -86,7 +94,7 @@ def _verdict(stats: dict) -> dict:
     """The issue's goals for int4 g64 QAT-KD (from round to nearest and from GPTQ), and for every
     QAT-KD arm the share of its format's RTN gap it recovers (goal 90%, ppl ratio and KL)."""
     v = {}
-    for arm in ("qat_kd_int4_g64", "qat_kd_gptq_int4_g64"):
+    for arm in ("qat_kd_int4_g64", "qat_kd_gptq_int4_g64", "qat_kd_gptq_blockwise_int4_g64"):
         for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
             if arm not in stats:
                 continue
@@ -99,7 +107,7 @@ def _verdict(stats: dict) -> dict:
             missed = lo > goal if better == "lower" else hi < goal
             v[f"{arm} {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
     for arm, st in stats.items():
-        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removesuffix("_600")
+        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removeprefix("blockwise_").removesuffix("_600")
         rtn = stats.get(f"rtn_{fmt}")
         if not arm.startswith("qat_kd_") or rtn is None or fmt not in FORMATS:
             continue

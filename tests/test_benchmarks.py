@@ -28,7 +28,7 @@ def test_qat_benchmark_pairs_every_qat_arm_with_its_format():
 
     for arm in qat_kd.ARMS:
         if arm.startswith("qat_kd_") and arm != "qat_kd_gptq_lsq_int4_g64":
-            fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removesuffix("_600")
+            fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removeprefix("blockwise_").removesuffix("_600")
             assert f"rtn_{fmt}" in qat_kd.ARMS, arm  # its recovery verdict has a baseline
     stats = {a: {m: {"mean": v, "std": 0.01} for m, v in (("ppl_ratio", r), ("kl", k), ("top1_agreement", 0.8))}
              for a, r, k in (("rtn_nvfp4", 1.2, 0.3), ("qat_kd_nvfp4", 1.02, 0.03), ("qat_kd_gptq_nvfp4", 1.1, 0.2))}

@@ -14,7 +14,10 @@ and KV-cache quantization, exported as compressed-tensors (transformers, vLLM) o
 
 A ``qat`` stage takes ``method: gptq`` too: training then starts from GPTQ's weights, with GPTQ's
 scales held fixed (the weights move on that grid), or trained from there with ``learn_scales``,
-instead of from round to nearest.
+instead of from round to nearest. Either start can be followed by ``blockwise: {epochs: 2, lr: 1e-4}``
+(``compress.blockwise``, EfficientQAT's Block-AP): each decoder layer trained, in turn, to give the
+unquantized model's output at its depth on calibration text; on a ``quantize`` stage that is the
+PTQ result, on a ``qat`` stage where KD starts.
 
 The transform swaps every targeted ``nn.Linear`` (``targets`` name suffixes, minus ``ignore``) for
 a ``QuantLinear``: float master weights, forward through the format's quantize-dequantize
@@ -27,6 +30,7 @@ library's own decompression gives back the fake-quant weights bit for bit (teste
 from __future__ import annotations
 
 import json
+import time
 from typing import Literal
 
 import torch
@@ -40,6 +44,7 @@ from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
 from compress.models import head_dim
 from compress.formats import WeightFormat, weight_format
+from compress.blockwise import blockwise_model, snapshot_layers
 from compress.gptq import gptq_model
 from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
 from compress.quant import lsq_fake_quant, representable, ste
@@ -277,13 +282,24 @@ class GPTQConfig(Strict):
     act_order: bool = False                      # columns in decreasing diag(H) (static groups)
 
 
+class BlockwiseConfig(Strict):
+    """Block-wise reconstruction (``compress.blockwise``): each decoder layer trained so its output
+    matches the unquantized model's at that depth, on calibration text."""
+
+    calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
+    epochs: int = Field(2, ge=1)                # passes over them per layer
+    lr: float = Field(1e-4, gt=0.0)             # Adam, float32
+
+
 class WeightsFrom(Strict):
     """How the quantized weights are set before any training: round to nearest (the params follow
     the weight at every step), or GPTQ (its compensated weights; its params then held fixed, or,
-    with ``learn_scales``, the scales training starts from)."""
+    with ``learn_scales``, the scales training starts from); then, with ``blockwise``, each decoder
+    layer trained to reproduce the unquantized model's output at its depth."""
 
     method: Literal["rtn", "gptq"] = "rtn"
     gptq: GPTQConfig = Field(default_factory=GPTQConfig)
+    blockwise: BlockwiseConfig | None = None
 
 
 class QatStage(WeightsFrom, DistillStage):
@@ -319,6 +335,7 @@ class QuantizesWeights:
 
     def transform(self, model: nn.Module) -> nn.Module:
         cfg, ctx = self.cfg, self.ctx
+        originals = snapshot_layers(model) if cfg.blockwise is not None else None  # the targets, before the swap
         swapped = quantize_linears(model, cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
         info = {"format": cfg.weights.wformat().name, "modules": len(swapped), "activations": cfg.weights.activations}
         if cfg.method == "gptq":
@@ -327,6 +344,13 @@ class QuantizesWeights:
             losses = gptq_model(model, blocks, swapped, ctx.recipe.train.micro_batch_size, g.block_size,
                                 g.dampening, g.act_order)
             info |= {"gptq_tokens": blocks.numel(), "gptq_loss": round(sum(losses.values()), 4)}
+        if cfg.blockwise is not None:
+            b, t0 = cfg.blockwise, time.time()
+            blocks = ctx.calibration(b.calibration_blocks)
+            errors = blockwise_model(model, blocks, originals, b.epochs, b.lr, ctx.recipe.train.micro_batch_size)
+            info |= {"blockwise_tokens": blocks.numel(), "blockwise_seconds": round(time.time() - t0, 1),
+                     "blockwise_error_before": round(sum(e[0] for e in errors.values()) / len(errors), 5),
+                     "blockwise_error_after": round(sum(e[1] for e in errors.values()) / len(errors), 5)}
         if cfg.kv_cache is not None:
             quants = attach_kv_quant(model, cfg.kv_cache.spec())
             blocks = ctx.calibration(cfg.kv_cache.calibration_blocks)
