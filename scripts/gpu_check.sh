@@ -8,7 +8,8 @@
 #     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode qat
 #                                            (default: the first three)
 # qat (needs the whole payload: teacher, data, deepspeed): the QAT benchmark's arms in $QAT_ARMS
-# (default: every float format and QAT from GPTQ, with their RTN baselines) over 3 seeds, 6 at once
+# (default: QAT from GPTQ with and without block-wise reconstruction, every float format, with their
+# RTN baselines) over 3 seeds, 6 at once
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -39,7 +40,7 @@ for step in $steps; do
     decode) timeout ${DECODE_TIMEOUT:-400} python3 benchmarks/decode.py ${DECODE_ARGS:---in-memory int4,s24int4 --synthetic 8} \
               --tag decode_cuda > "$OUT/decode.log" 2>&1
             rc=$?; cp benchmarks/results/decode_cuda.* "$OUT/" 2>/dev/null ;;
-    qat) arms=${QAT_ARMS:-rtn_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_int4_g64,qat_kd_gptq_lsq_int4_g64,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4,qat_kd_gptq_int4_g64_600}
+    qat) arms=${QAT_ARMS:-rtn_int4_g64,gptq_blockwise_int4_g64,qat_kd_gptq_int4_g64,qat_kd_gptq_blockwise_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4,qat_kd_gptq_int4_g64_600}
          timeout ${QAT_TIMEOUT:-540} python3 benchmarks/qat_kd.py --arms "$arms" --seeds 0,1,2 --jobs 6 \
            --runs /tmp/bench_qat --tag qat_formats_cuda > "$OUT/qat.log" 2>&1
          rc=$?
