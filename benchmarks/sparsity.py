@@ -30,17 +30,22 @@ TRAIN = [*EQUAL_TOKENS, "train.lr=5.0e-4"]  # the same tokens; the lr measured b
 TEACHER = "{init: teacher}"
 
 
-def sparsify(method: str) -> str:
-    return f"{{kind: sparsify, method: {method}}}"
+def sparsify(method: str, extra: str = "") -> str:
+    return f"{{kind: sparsify, method: {method}{', ' + extra if extra else ''}}}"
+
+
+BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # then each layer trained towards the dense output, masks held
 
 
 ARMS = {
     "magnitude": (TEACHER, f"[{sparsify('magnitude')}]"),
     "wanda": (TEACHER, f"[{sparsify('wanda')}]"),
     "sparsegpt": (TEACHER, f"[{sparsify('sparsegpt')}]"),
+    "sparsegpt_blockwise": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE)}]"),
     "magnitude_kd": (TEACHER, f"[{sparsify('magnitude')}, {{kind: distill}}]", TRAIN),
     "wanda_kd": (TEACHER, f"[{sparsify('wanda')}, {{kind: distill}}]", TRAIN),
     "sparsegpt_kd": (TEACHER, f"[{sparsify('sparsegpt')}, {{kind: distill}}]", TRAIN),
+    "sparsegpt_blockwise_kd": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE)}, {{kind: distill}}]", TRAIN),
     "sparsegpt_kd_int4": (TEACHER, f"[{sparsify('sparsegpt')}, {{kind: distill, max_steps: 100}}, "
                                    "{kind: qat, max_steps: 50, weights: {bits: 4, group_size: 64}}]", TRAIN),
 }

@@ -24,12 +24,32 @@ import copy
 import time
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from compress.calibration import _decoder_layers, each_layer
+from compress.config import Strict
 
 
 SCALE_LR = 0.1  # learned scales (LSQ) take this fraction of the lr: a step moves them by a share of their size
+
+
+class BlockwiseConfig(Strict):
+    """A stage's ``blockwise:`` option (quantize, qat, sparsify): after its own edit of the weights,
+    each decoder layer trained so its output matches the unedited model's at that depth."""
+
+    calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
+    epochs: int = Field(2, ge=1)                # passes over them per layer
+    lr: float = Field(1e-4, gt=0.0)             # Adam, float32
+
+    def run(self, model: nn.Module, originals: list[nn.Module], ctx) -> dict:
+        """``blockwise_model`` on the run's calibration text; what the transform reports."""
+        t0 = time.time()
+        blocks = ctx.calibration(self.calibration_blocks)
+        errors = blockwise_model(model, blocks, originals, self.epochs, self.lr, ctx.recipe.train.micro_batch_size)
+        return {"blockwise_tokens": blocks.numel(), "blockwise_seconds": round(time.time() - t0, 1),
+                "blockwise_error_before": round(sum(e[0] for e in errors.values()) / len(errors), 5),
+                "blockwise_error_after": round(sum(e[1] for e in errors.values()) / len(errors), 5)}
 
 
 def snapshot_layers(model: nn.Module) -> list[nn.Module]:
@@ -116,7 +136,7 @@ def blockwise_model(model: nn.Module, blocks: torch.Tensor, originals: list[nn.M
                     loss.backward()
                     opt.step()
         for m in layer.modules():  # a sparsity mask's zeros get no gradient; kept exactly all the same
-            if getattr(m, "opts", {}).get("masked"):
+            if isinstance(getattr(m, "mask", None), torch.Tensor):
                 m.weight.data.mul_(m.mask.to(m.weight.dtype))
         last = error()
         if not last < first:  # the lr overshot for this layer: keep it as it was

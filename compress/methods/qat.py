@@ -30,7 +30,6 @@ library's own decompression gives back the fake-quant weights bit for bit (teste
 from __future__ import annotations
 
 import json
-import time
 from typing import Literal
 
 import torch
@@ -44,7 +43,7 @@ from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
 from compress.models import head_dim
 from compress.formats import WeightFormat, weight_format
-from compress.blockwise import blockwise_model, snapshot_layers
+from compress.blockwise import BlockwiseConfig, snapshot_layers
 from compress.gptq import gptq_model
 from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
 from compress.quant import lsq_fake_quant, representable, ste
@@ -282,15 +281,6 @@ class GPTQConfig(Strict):
     act_order: bool = False                      # columns in decreasing diag(H) (static groups)
 
 
-class BlockwiseConfig(Strict):
-    """Block-wise reconstruction (``compress.blockwise``): each decoder layer trained so its output
-    matches the unquantized model's at that depth, on calibration text."""
-
-    calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
-    epochs: int = Field(2, ge=1)                # passes over them per layer
-    lr: float = Field(1e-4, gt=0.0)             # Adam, float32
-
-
 class WeightsFrom(Strict):
     """How the quantized weights are set before any training: round to nearest (the params follow
     the weight at every step), or GPTQ (its compensated weights; its params then held fixed, or,
@@ -345,12 +335,7 @@ class QuantizesWeights:
                                 g.dampening, g.act_order)
             info |= {"gptq_tokens": blocks.numel(), "gptq_loss": round(sum(losses.values()), 4)}
         if cfg.blockwise is not None:
-            b, t0 = cfg.blockwise, time.time()
-            blocks = ctx.calibration(b.calibration_blocks)
-            errors = blockwise_model(model, blocks, originals, b.epochs, b.lr, ctx.recipe.train.micro_batch_size)
-            info |= {"blockwise_tokens": blocks.numel(), "blockwise_seconds": round(time.time() - t0, 1),
-                     "blockwise_error_before": round(sum(e[0] for e in errors.values()) / len(errors), 5),
-                     "blockwise_error_after": round(sum(e[1] for e in errors.values()) / len(errors), 5)}
+            info |= cfg.blockwise.run(model, originals, ctx)
         if cfg.kv_cache is not None:
             quants = attach_kv_quant(model, cfg.kv_cache.spec())
             blocks = ctx.calibration(cfg.kv_cache.calibration_blocks)

@@ -5,6 +5,7 @@ unstructured) whose masks then hold through every later training stage, and expo
       - kind: sparsify
         method: sparsegpt            # magnitude | wanda | sparsegpt
         pattern: "2:4"               # or "4:8", or unstructured with `sparsity: 0.5`
+        blockwise: {epochs: 2}       # optional: then each layer trained towards the dense output (masks held)
       - kind: distill                # KD from the dense teacher; the mask is kept at every step
       - kind: qat                    # optional: 2:4 + int4 (the zeros stay zero through the rounding)
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.blockwise import BlockwiseConfig, snapshot_layers
 from compress.errors import CompressError
 from compress.calibration import layerwise
 from compress.modelio import register_module
@@ -52,6 +54,8 @@ class SparsifyStage(StageConfig):
     calibration_blocks: int = Field(128, ge=1)  # wanda / sparsegpt
     block_size: int = Field(128, ge=1)
     dampening: float = Field(0.01, gt=0.0)
+    # then each decoder layer trained towards the dense model's output at its depth, masks held
+    blockwise: BlockwiseConfig | None = None
     max_steps: None = None
 
     @model_validator(mode="after")
@@ -227,8 +231,11 @@ class Sparsify(StageMethod):
 
     def transform(self, model: nn.Module) -> nn.Module:
         cfg, ctx = self.cfg, self.ctx
+        originals = snapshot_layers(model) if cfg.blockwise is not None else None  # the dense targets
         blocks = ctx.calibration(cfg.calibration_blocks) if cfg.method != "magnitude" else None
         info = sparsify(model, cfg, blocks, ctx.recipe.train.micro_batch_size)
+        if cfg.blockwise is not None:
+            info |= cfg.blockwise.run(model, originals, ctx)
         masks = [m.mask for m in model.modules() if isinstance(m, SparseLinear)]
         kept = sum(float(x.sum()) for x in masks)
         self.transform_info = {"method": cfg.method, "pattern": cfg.pattern, **info,
