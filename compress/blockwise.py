@@ -14,8 +14,9 @@ residual stream is large (SmolLM2's first token) do not outweigh the rest. Every
 layer trains (the quantized linears through their straight-through estimator, learned scales
 where the format has them, the norms), with Adam in float32 whatever the model's dtype; a format's
 fixed params (GPTQ's grid) stay fixed, and a sparsity mask keeps its zeros. A layer that ends with
-a larger error than it started with (too high an lr) is put back as it was. With 16k calibration
-tokens this halves round to nearest's KL to the teacher and beats GPTQ on SmolLM2 (README).
+a larger error than it started with (too high an lr) is put back as it was. On SmolLM2, int4 g64,
+16k calibration tokens: KL to the teacher 0.524 (round to nearest) -> 0.188, and GPTQ's 0.260 ->
+0.116, in about 3 minutes on 2 CPU cores (README, Results).
 """
 
 from __future__ import annotations
