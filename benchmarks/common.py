@@ -30,13 +30,25 @@ def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> 
     return out, overrides, recipe
 
 
+def same_recipe(old, new) -> bool:
+    """Whether a finished run's resolved recipe is this one. A key only one side has counts as equal
+    when its value is None: an option added to the schema since (off by default) does not make
+    every earlier run stale."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(same_recipe(old.get(k), new.get(k)) if k in old and k in new else (old.get(k, new.get(k)) is None)
+                   for k in old.keys() | new.keys())
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(same_recipe(a, b) for a, b in zip(old, new))
+    return old == new
+
+
 def finished(out: Path, recipe: dict) -> dict | None:
     """A finished run in ``out`` made from exactly ``recipe`` (with its time if recorded), or None."""
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("recipe") != recipe:
+    if not same_recipe(summary.get("recipe"), recipe):
         return None
     try:
         seconds = json.loads(out.with_suffix(".time.json").read_text())["seconds"]

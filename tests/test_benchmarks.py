@@ -35,3 +35,15 @@ def test_qat_benchmark_pairs_every_qat_arm_with_its_format():
     v = qat_kd._verdict(stats)
     assert v["qat_kd_nvfp4 recovers >= 90% of rtn_nvfp4's kl gap"].startswith("met (90%")
     assert v["qat_kd_gptq_nvfp4 recovers >= 90% of rtn_nvfp4's ppl_ratio gap"].startswith("not met (50%")
+
+
+def test_a_run_made_before_a_new_optional_field_is_still_the_same_recipe():
+    from benchmarks.common import same_recipe
+
+    old = {"seed": 0, "stages": [{"kind": "sparsify", "method": "sparsegpt"}]}
+    assert same_recipe(old, {"seed": 0, "stages": [{"kind": "sparsify", "method": "sparsegpt", "blockwise": None}]})
+    assert not same_recipe(old, {"seed": 0, "stages": [{"kind": "sparsify", "method": "sparsegpt",
+                                                          "blockwise": {"epochs": 2}}]})  # the new option is on
+    assert not same_recipe(old, {"seed": 1, "stages": old["stages"]})
+    assert not same_recipe(old, {"seed": 0, "stages": [*old["stages"], {"kind": "distill"}]})
+    assert not same_recipe(old, {"seed": 0, "stages": [{"kind": "sparsify", "method": "wanda"}]})
