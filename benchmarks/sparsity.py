@@ -42,6 +42,7 @@ ARMS = {
     "wanda": (TEACHER, f"[{sparsify('wanda')}]"),
     "sparsegpt": (TEACHER, f"[{sparsify('sparsegpt')}]"),
     "sparsegpt_blockwise": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE)}]"),
+    "sparsegpt_blockwise_lr1e-3": (TEACHER, f"[{sparsify('sparsegpt', 'blockwise: {calibration_blocks: 128, lr: 1.0e-3}')}]"),
     "magnitude_kd": (TEACHER, f"[{sparsify('magnitude')}, {{kind: distill}}]", TRAIN),
     "wanda_kd": (TEACHER, f"[{sparsify('wanda')}, {{kind: distill}}]", TRAIN),
     "sparsegpt_kd": (TEACHER, f"[{sparsify('sparsegpt')}, {{kind: distill}}]", TRAIN),
