@@ -1,4 +1,5 @@
 """The sequential calibration pipeline that GPTQ, SparseGPT, block-wise reconstruction and the GQA pca
+merge share: run the
 decoder layers one at a time over cached calibration inputs, so each layer is edited on the inputs
 the already-edited layers before it produce.
 
