@@ -1,7 +1,6 @@
-"""The sequential calibration pipeline that GPTQ, SparseGPT, block-wise reconstruction and the GQA pca
-merge share: run the
-decoder layers one at a time over cached calibration inputs, so each layer is edited on the inputs
-the already-edited layers before it produce.
+"""The sequential calibration pipeline that GPTQ, SparseGPT, block-wise reconstruction and the GQA
+pca merge share: run the decoder layers one at a time over cached calibration inputs, so each layer
+is edited on the inputs the already-edited layers before it produce.
 
     each_layer(model, blocks, step)            # step(index, layer, run, tokens) per layer, in order
     layerwise(model, blocks, modules, solve)   # the same with H = 2 X^T X / tokens of each module's
