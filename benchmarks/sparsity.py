@@ -35,6 +35,7 @@ def sparsify(method: str, extra: str = "") -> str:
 
 
 BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # then each layer trained towards the dense output, masks held
+BLOCKWISE_HI = "blockwise: {calibration_blocks: 128, lr: 1.0e-3}"  # 10x the lr: a 2:4 mask needs larger moves
 
 
 ARMS = {
@@ -42,11 +43,12 @@ ARMS = {
     "wanda": (TEACHER, f"[{sparsify('wanda')}]"),
     "sparsegpt": (TEACHER, f"[{sparsify('sparsegpt')}]"),
     "sparsegpt_blockwise": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE)}]"),
-    "sparsegpt_blockwise_lr1e-3": (TEACHER, f"[{sparsify('sparsegpt', 'blockwise: {calibration_blocks: 128, lr: 1.0e-3}')}]"),
+    "sparsegpt_blockwise_lr1e-3": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE_HI)}]"),
     "magnitude_kd": (TEACHER, f"[{sparsify('magnitude')}, {{kind: distill}}]", TRAIN),
     "wanda_kd": (TEACHER, f"[{sparsify('wanda')}, {{kind: distill}}]", TRAIN),
     "sparsegpt_kd": (TEACHER, f"[{sparsify('sparsegpt')}, {{kind: distill}}]", TRAIN),
     "sparsegpt_blockwise_kd": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE)}, {{kind: distill}}]", TRAIN),
+    "sparsegpt_blockwise_lr1e-3_kd": (TEACHER, f"[{sparsify('sparsegpt', BLOCKWISE_HI)}, {{kind: distill}}]", TRAIN),
     "sparsegpt_kd_int4": (TEACHER, f"[{sparsify('sparsegpt')}, {{kind: distill, max_steps: 100}}, "
                                    "{kind: qat, max_steps: 50, weights: {bits: 4, group_size: 64}}]", TRAIN),
 }
