@@ -28,8 +28,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.calibration import _decoder_layers, each_layer
+from compress.calibration import decoder_layers, each_layer, layer_hidden, layer_output, with_hidden
 from compress.config import Strict
+from compress.constraints import constrained_params
 
 
 SCALE_LR = 0.1  # learned scales (LSQ) take this fraction of the lr: a step moves them by a share of their size
@@ -55,7 +56,7 @@ class BlockwiseConfig(Strict):
 
 def snapshot_layers(model: nn.Module) -> list[nn.Module]:
     """A CPU copy of every decoder layer as it is now (the targets' source), taken before any swap."""
-    return [copy.deepcopy(layer).cpu() for layer in _decoder_layers(model)]
+    return [copy.deepcopy(layer).cpu() for layer in decoder_layers(model)]
 
 
 def _cast(obj, dtype: torch.dtype):
@@ -66,22 +67,6 @@ def _cast(obj, dtype: torch.dtype):
     if isinstance(obj, dict):
         return {k: _cast(v, dtype) for k, v in obj.items()}
     return obj
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
-
-
-def _call(layer: nn.Module, args: tuple, kwargs: dict):
-    return layer(*args, **kwargs)
-
-
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def relative_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,10 +93,9 @@ def blockwise_model(model: nn.Module, blocks: torch.Tensor, originals: list[nn.M
         finally:
             hook.remove()
         if li == 0:  # the embeddings are not quantized: both streams start equal
-            stream = [_hidden(a, k) for a, k in calls]
-        device = _hidden(*calls[0]).device
-        original = originals[li].to(device)
-        stream = [_output(_call(original, *_with_hidden(a, k, x))) for (a, k), x in zip(calls, stream)]
+            stream = [layer_hidden(a, k) for a, k in calls]
+        original = originals[li].to(layer_hidden(*calls[0]).device)
+        stream = [layer_output(original(*a, **k)) for a, k in (with_hidden(*c, x) for c, x in zip(calls, stream))]
         originals[li] = original.cpu()
         targets = [y.float() for y in stream]
         inputs = [_cast((a, k), torch.float32) for a, k in calls]
@@ -122,23 +106,24 @@ def blockwise_model(model: nn.Module, blocks: torch.Tensor, originals: list[nn.M
 
         def error() -> float:
             with torch.no_grad():
-                return sum(float(relative_error(_output(layer(*a, **k)), y)) for (a, k), y in zip(inputs, targets)) \
+                return sum(float(relative_error(layer_output(layer(*a, **k)), y)) for (a, k), y in zip(inputs, targets)) \
                     / len(inputs)
 
         first, kept = error(), [p.detach().clone() for p in params]
         scales = [p for n, p in layer.named_parameters() if p.requires_grad and n.endswith(".scale")]
         rest = [p for p in params if all(p is not s for s in scales)]
         opt = torch.optim.Adam([{"params": rest}, {"params": scales, "lr": lr * SCALE_LR}], lr=lr)
+        constraints = constrained_params(layer)  # a sparsity mask, as the spine keeps it after every step
         with torch.enable_grad():
             for _ in range(epochs):
                 for (a, k), y in zip(inputs, targets):
-                    loss = relative_error(_output(layer(*a, **k)), y)
+                    loss = relative_error(layer_output(layer(*a, **k)), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        for m in layer.modules():  # a sparsity mask's zeros get no gradient; kept exactly all the same
-            if isinstance(getattr(m, "mask", None), torch.Tensor):
-                m.weight.data.mul_(m.mask.to(m.weight.dtype))
+                    with torch.no_grad():
+                        for p, project in constraints:
+                            p.copy_(project(p))
         last = error()
         if not last < first:  # the lr overshot for this layer: keep it as it was
             with torch.no_grad():

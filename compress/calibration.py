@@ -13,8 +13,23 @@ import torch
 from torch import nn
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same call with other hidden states."""
+    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+
+
+def layer_output(out) -> torch.Tensor:
+    """A decoder layer's output hidden states (a tuple's first item in older transformers)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 class _Stop(Exception):
@@ -27,7 +42,7 @@ def each_layer(model: nn.Module, blocks: torch.Tensor, step, batch_size: int = 8
     in turn call ``step(index, layer, run, tokens)``, where ``run()`` runs the layer over its inputs (as the
     layers before it, already edited by their steps, produce them), and feed the layer's new outputs to
     the next. ``step`` attaches its own hooks around ``run()`` and may edit the layer."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     inputs: list[tuple[tuple, dict]] = []
 
     def catch(layer, args, kwargs):
@@ -43,22 +58,15 @@ def each_layer(model: nn.Module, blocks: torch.Tensor, step, batch_size: int = 8
                 pass
     finally:
         handle.remove()
-    tokens = sum((a[0] if a else k["hidden_states"]).shape[:-1].numel() for a, k in inputs)
+    tokens = sum(layer_hidden(a, k).shape[:-1].numel() for a, k in inputs)
     for li, layer in enumerate(layers):
         def run(layer=layer):
             for args, kwargs in inputs:
                 layer(*args, **kwargs)
 
         step(li, layer, run, tokens)
-        new_inputs = []
-        for args, kwargs in inputs:  # the next layer sees this layer's new outputs
-            out = layer(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if args:
-                new_inputs.append(((hidden, *args[1:]), kwargs))
-            else:
-                new_inputs.append(((), {**kwargs, "hidden_states": hidden}))
-        inputs = new_inputs
+        # the next layer sees this layer's new outputs
+        inputs = [with_hidden(args, kwargs, layer_output(layer(*args, **kwargs))) for args, kwargs in inputs]
 
 
 def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], solve, batch_size: int = 8,
@@ -66,7 +74,7 @@ def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Modu
     """``each_layer`` with H = 2 X^T X / tokens of each of the layer's ``modules``' inputs, then
     ``solve(name, module, H)`` (which edits the module and returns a loss)."""
     losses = {}
-    n_layers = len(_decoder_layers(model))
+    n_layers = len(decoder_layers(model))
 
     def step(li, layer, run, tokens):
         mine = {n: m for n, m in modules.items() if n.startswith(f"model.layers.{li}.")}

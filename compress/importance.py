@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.calibration import decoder_layers, layer_hidden, layer_output
 from compress.models import head_dim
-
-
-def _layers(model: nn.Module):
-    return model.model.layers
 
 
 @torch.no_grad()
@@ -50,7 +47,7 @@ def log_probs(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> li
 def activation_stats(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, layer_blocks: int | None = None) -> dict:
     """Importance statistics of every prunable structure of ``model`` on ``blocks`` ((N, T) ids);
     layer KL on the first ``layer_blocks`` of them (None: all; 0: none, cosine only)."""
-    cfg, layers = model.config, _layers(model)
+    cfg, layers = model.config, decoder_layers(model)
     H, hd = cfg.num_attention_heads, head_dim(cfg)
     L, d, f = len(layers), cfg.hidden_size, cfg.intermediate_size
     z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=blocks.device)  # noqa: E731  (sums on the model's device)
@@ -90,8 +87,7 @@ def activation_stats(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8
 
 
 def _block_io(args, kwargs, out) -> tuple[torch.Tensor, torch.Tensor]:
-    x = args[0] if args else kwargs["hidden_states"]
-    return x, (out[0] if isinstance(out, tuple) else out)
+    return layer_hidden(args, kwargs), layer_output(out)
 
 
 def _add_cosine(acc: torch.Tensor, l: int, args, kwargs, out) -> None:
@@ -102,7 +98,7 @@ def _add_cosine(acc: torch.Tensor, l: int, args, kwargs, out) -> None:
 @torch.no_grad()
 def skip_kl(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """(L,) mean per-token KL(full model || model with block l skipped): what removing l costs."""
-    layers = _layers(model)
+    layers = decoder_layers(model)
     kl = torch.zeros(len(layers), dtype=torch.float64)
 
     def skip(m, args, kwargs, out):  # the block passes its input through unchanged
