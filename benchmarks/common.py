@@ -195,11 +195,10 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
                                  "student_params": summary["student_params"], "device": summary.get("device"),
                                  "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk"),
                                  "eval": summary.get("eval")}  # an eval stage's results (None without one)
-    tasks = [t for t in getattr(args, "tasks", "").split(",") if t]
-    for a, by_seed in results.items():
-        for s, r in by_seed.items():
-            if tasks:
-                r["tasks"], r["teacher_tasks"] = score_tasks(REPO / plans[a, s][0], plans[a, s][2], tasks, env)
+    tasks = [t for t in args.tasks.split(",") if t]
+    for (a, s), (out, _, recipe) in plans.items():
+        if tasks and s in results[a]:
+            results[a][s]["tasks"], results[a][s]["teacher_tasks"] = score_tasks(REPO / out, recipe, tasks, env)
     wall = time.time() - t0
     if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
         wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
@@ -261,7 +260,8 @@ def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, ver
     devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
     lines = [f"{title}; seeds {args.seeds}.",
              f"Command: .venv/bin/python benchmarks/{script} --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
-             + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if getattr(args, "tasks", "") else ""),
+             + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if args.tasks else "")
+             + f" --tag {args.tag}",
              f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.",
              "", notes, ""]
     tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})

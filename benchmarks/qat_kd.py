@@ -23,9 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, compare, pm,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare, pm,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
-from compress.tracking import format_table  # noqa: E402
 
 RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
@@ -124,28 +123,15 @@ def _verdict(stats: dict) -> dict:
 
 
 def _markdown(args, stats: dict, verdict: dict, wall: float, results: dict) -> str:
-    devices = sorted({f"{r.get('device')} ({r.get('precision')})" for by in results.values() for r in by.values()})
-    lines = [f"Weight quantization of SmolLM2-135M-Instruct against its fp teacher, held-out Python docs; seeds {args.seeds}.",
-             f"Command: .venv/bin/python benchmarks/qat_kd.py --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
-             + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if args.tasks else "")
-             + f" --tag {args.tag}", f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.", "",
-             "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).", ""]
     kv_values = 2 * 30 * 3 * 64  # K and V, per token: layers x KV heads x head_dim of SmolLM2-135M
-    tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
-    rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in METRICS}, "bytes": st["bytes"],
-             "kv_bytes/token": kv_values * (1 if "kv_cache" in ARMS[a][1] else 2),
-             **{t: pm(st.get("tasks", {}).get(t), ".3f") for t in tasks}} for a, st in stats.items()]
-    if stats:
-        first = next(iter(stats.values()))
-        rows.insert(0, {"arm": "teacher (fp32)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
-                        "bytes": first["teacher_bytes"], "kv_bytes/token": kv_values * 2,
-                        **{t: f"{v:.3f}" for t, v in first.get("teacher_tasks", {}).items()}})
-    lines += [format_table(rows, ["arm", "seeds", *METRICS, "bytes", "kv_bytes/token", *tasks]), "", "Verdicts:", ""]
-    if tasks:
-        lines[-3:-3] = ["", f"Task columns: lm-eval scores of each export ({', '.join(tasks)}; launch/evaluate.py --no-spec, "
-                        "after the runs), teacher row the teacher's."]
-    lines += [f"- **{k}**: {val}" for k, val in verdict.items()]
-    return "\n".join(lines) + "\n"
+    for a, st in stats.items():
+        st["kv_bytes"] = kv_values * (1 if "kv_cache" in ARMS[a][1] else 2)
+    teacher = {"arm": "teacher (fp32)", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1",
+               "bytes": next(iter(stats.values()))["teacher_bytes"] if stats else None, "kv_bytes/token": kv_values * 2}
+    return arms_markdown("Weight quantization of SmolLM2-135M-Instruct against its fp teacher, held-out Python docs",
+                         "qat_kd.py", args, stats, METRICS, verdict, wall, results,
+                         "Mean ± sample std over seeds (RTN arms do not train: their seeds agree).",
+                         {"bytes": "bytes", "kv_bytes/token": "kv_bytes"}, teacher)
 
 
 if __name__ == "__main__":
