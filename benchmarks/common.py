@@ -279,12 +279,14 @@ def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, ver
     return "\n".join(lines) + "\n"
 
 
-def below(ms: dict, goal: float) -> str:
-    """'met' / 'not met' / 'inconclusive' for mean ± std against an upper bound (no claim on one seed)."""
+def against_goal(ms: dict, goal: float, better: str = "lower") -> str:
+    """'met' / 'not met' / 'inconclusive' for mean ± std against a goal: an upper bound, or a lower
+    bound with ``better="higher"`` (no claim on one seed)."""
     if ms["std"] is None:
         return f"no claim (one seed): {pm(ms)}"
     lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
-    return f"{'met' if hi <= goal else 'not met' if lo > goal else 'inconclusive'} ({pm(ms)})"
+    met, missed = (hi <= goal, lo > goal) if better == "lower" else (lo >= goal, hi < goal)
+    return f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
 
 
 def transforms(out: Path) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, below, compare,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, against_goal, compare,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
@@ -103,7 +103,7 @@ def _verdict(stats: dict, speed: dict | None) -> dict:
                     f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
     for arm in ("pca_kd", "weighted_kd", "mean_kd"):
         if arm in stats:
-            v[f"{arm} ppl ratio <= 1.05"] = below(stats[arm]["ppl_ratio"], 1.05)
+            v[f"{arm} ppl ratio <= 1.05"] = against_goal(stats[arm]["ppl_ratio"], 1.05)
     for better, worse in (("weighted_kd", "mean_kd"), ("pca_kd", "weighted_kd")):
         if better in stats and worse in stats:
             v[f"{better} vs {worse}, ppl_ratio"] = compare(stats[better]["ppl_ratio"], stats[worse]["ppl_ratio"], "lower")

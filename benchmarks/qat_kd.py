@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare, pm,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, against_goal, compare, pm,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
@@ -31,6 +31,7 @@ W4 = "weights: {bits: 4, group_size: 64}"
 TRAIN = EQUAL_TOKENS
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
 BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # each layer trained towards the teacher's output, same 16k tokens
+BLOCKWISE_LR = {lr: f"blockwise: {{calibration_blocks: 128, lr: {lr}}}" for lr in ("3.0e-4", "1.0e-3")}  # default 1e-4
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 
 
@@ -55,6 +56,8 @@ ARMS = {
     # block-wise reconstruction after round to nearest / after GPTQ (compress.blockwise)
     "blockwise_int4_g64": ptq(FORMATS["int4_g64"], BLOCKWISE),
     "gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
+    **{f"gptq_blockwise_lr{lr.replace('.0', '')}_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {b}")
+       for lr, b in BLOCKWISE_LR.items()},
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -69,6 +72,8 @@ ARMS = {
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
+    **{f"qat_kd_gptq_blockwise_lr{lr.replace('.0', '')}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
+       for lr, b in BLOCKWISE_LR.items()},
     # the same as qat_kd_gptq_int4_g64 on 4x the tokens (600 steps): what the recovery goal costs
     "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], [*TRAIN, "train.max_steps=600"]),
 }
@@ -89,26 +94,23 @@ def main() -> int:
     return 0
 
 
+def format_of(arm: str) -> str | None:
+    """The FORMATS key an arm quantizes to (its name ends with it, before a ``_600`` budget tag)."""
+    return max((f for f in FORMATS if arm.removesuffix("_600").endswith(f)), key=len, default=None)
+
+
 def _verdict(stats: dict) -> dict:
     """The issue's goals for int4 g64 QAT-KD (from round to nearest and from GPTQ), and for every
     QAT-KD arm the share of its format's RTN gap it recovers (goal 90%, ppl ratio and KL)."""
     v = {}
-    for arm in ("qat_kd_int4_g64", "qat_kd_gptq_int4_g64", "qat_kd_gptq_blockwise_int4_g64"):
+    goal_arms = [a for a in stats if a.startswith("qat_kd_") and a.endswith("int4_g64")]
+    for arm in goal_arms:
         for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
-            if arm not in stats:
-                continue
-            ms = stats[arm][m]
-            if ms["std"] is None:
-                v[f"{arm} {m} goal {goal}"] = f"no claim (one seed): {pm(ms)}"
-                continue
-            lo, hi = ms["mean"] - ms["std"], ms["mean"] + ms["std"]
-            met = hi <= goal if better == "lower" else lo >= goal
-            missed = lo > goal if better == "lower" else hi < goal
-            v[f"{arm} {m} goal {goal}"] = f"{'met' if met else 'not met' if missed else 'inconclusive'} ({pm(ms)})"
+            v[f"{arm} {m} goal {goal}"] = against_goal(stats[arm][m], goal, better)
     for arm, st in stats.items():
-        fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removeprefix("blockwise_").removesuffix("_600")
+        fmt = format_of(arm)
         rtn = stats.get(f"rtn_{fmt}")
-        if not arm.startswith("qat_kd_") or rtn is None or fmt not in FORMATS:
+        if not arm.startswith("qat_kd_") or rtn is None:
             continue
         for m, base in (("ppl_ratio", 1.0), ("kl", 0.0)):
             rec = (rtn[m]["mean"] - st[m]["mean"]) / (rtn[m]["mean"] - base)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, below, compare,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, against_goal, compare,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
@@ -86,7 +86,7 @@ def _verdict(stats: dict) -> dict:
                 v[f"SparseGPT one-shot beats {base}, {m}"] = f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
     for arm in ("sparsegpt_kd", "wanda_kd", "magnitude_kd", "sparsegpt_kd_int4"):
         if arm in stats:
-            v[f"{arm} ppl ratio <= 1.15"] = below(stats[arm]["ppl_ratio"], 1.15)
+            v[f"{arm} ppl ratio <= 1.15"] = against_goal(stats[arm]["ppl_ratio"], 1.15)
     if "sparsegpt_kd" in stats and "magnitude_kd" in stats:
         v["SparseGPT+KD vs magnitude+KD, ppl_ratio"] = compare(stats["sparsegpt_kd"]["ppl_ratio"],
                                                               stats["magnitude_kd"]["ppl_ratio"], "lower")

@@ -27,14 +27,22 @@ def test_qat_benchmark_pairs_every_qat_arm_with_its_format():
     from benchmarks import qat_kd
 
     for arm in qat_kd.ARMS:
-        if arm.startswith("qat_kd_") and arm != "qat_kd_gptq_lsq_int4_g64":
-            fmt = arm.removeprefix("qat_kd_").removeprefix("gptq_").removeprefix("blockwise_").removesuffix("_600")
-            assert f"rtn_{fmt}" in qat_kd.ARMS, arm  # its recovery verdict has a baseline
+        if arm.startswith("qat_kd_"):
+            assert f"rtn_{qat_kd.format_of(arm)}" in qat_kd.ARMS, arm  # its recovery verdict has a baseline
+    assert qat_kd.format_of("qat_kd_gptq_blockwise_lr1e-3_int4_g64") == "int4_g64"
+    assert qat_kd.format_of("qat_kd_gptq_int4_g64_600") == "int4_g64"
     stats = {a: {m: {"mean": v, "std": 0.01} for m, v in (("ppl_ratio", r), ("kl", k), ("top1_agreement", 0.8))}
              for a, r, k in (("rtn_nvfp4", 1.2, 0.3), ("qat_kd_nvfp4", 1.02, 0.03), ("qat_kd_gptq_nvfp4", 1.1, 0.2))}
     v = qat_kd._verdict(stats)
     assert v["qat_kd_nvfp4 recovers >= 90% of rtn_nvfp4's kl gap"].startswith("met (90%")
     assert v["qat_kd_gptq_nvfp4 recovers >= 90% of rtn_nvfp4's ppl_ratio gap"].startswith("not met (50%")
+    goals = {"qat_kd_int4_g64": (1.02, 0.15, 0.83), "qat_kd_gptq_int4_g64": (1.06, 0.18, 0.79)}
+    v = qat_kd._verdict({a: {m: {"mean": x, "std": 0.005} for m, x in zip(("ppl_ratio", "kl", "top1_agreement"), xs)}
+                         for a, xs in goals.items()})
+    assert [v[f"qat_kd_int4_g64 {m}"].split(" (")[0] for m in ("ppl_ratio goal 1.05", "kl goal 0.17",
+                                                                "top1_agreement goal 0.8")] == ["met"] * 3
+    assert [v[f"qat_kd_gptq_int4_g64 {m}"].split(" (")[0] for m in ("ppl_ratio goal 1.05", "kl goal 0.17",
+                                                                     "top1_agreement goal 0.8")] == ["not met"] * 3
 
 
 def test_a_run_made_before_a_new_optional_field_is_still_the_same_recipe():
