@@ -35,7 +35,8 @@ ON_POLICY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 1.0}"
 PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
 # each on-policy arm against the arms that start from the same student
 RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
-          "kd_then_on_policy_cool": ("kd", "ce", "on_policy", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l")}
+          "kd_then_on_policy_cool": ("kd", "ce", "on_policy", "kd_two_stages"),
+          "kd_then_on_policy_greedy": ("kd", "ce", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -47,7 +48,12 @@ ARMS = {
     "kd_then_on_policy_cool": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                         f"loss: forward_kl, max_steps: 30, on_policy: {{lmbda: 0.25, prompt_tokens: 32, "
                                         f"temperature: 0.7, top_p: 0.9}}}}, {EVAL}]", TRAIN),
-    # the control for the arm above: the same two 30-step stages (each re-warms the learning rate), both KD
+    # the same with greedy student continuations: the states a greedy draft visits when it is judged
+    # (DistillSpec, Zhou et al. 2024: match the training data to how the draft decodes)
+    "kd_then_on_policy_greedy": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
+                                          f"loss: forward_kl, max_steps: 30, on_policy: {{lmbda: 0.5, prompt_tokens: 32, "
+                                          f"temperature: 0.0}}}}, {EVAL}]", TRAIN),
+    # the control for the arms above: the same two 30-step stages (each re-warms the learning rate), both KD
     "kd_two_stages": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                f"loss: forward_kl, max_steps: 30}}, {EVAL}]", TRAIN),
     # a stronger student: the teacher with its 6 least important layers cut (calibration KL; `prune`),
