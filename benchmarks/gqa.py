@@ -2,12 +2,14 @@
 output-preserving weighted merge or by the RoPE-aware pca merge, each alone and uptrained with KD, and
 the decode speed it buys.
 
-    .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,pca,mean_kd,weighted_kd,pca_kd] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/gqa.py [--arms mean,weighted,pca,mean_kd,weighted_kd,pca_kd,pca_blockwise,...] [--seeds 0,1,2]
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher, a `gqa` stage (num_key_value_heads: 1) and, for `*_kd` arms, a `distill` stage of 150
 steps x 8 x 128 tokens (the QAT and sparsity benchmarks' budget) at lr 1e-3: the weighted merge + KD
 ended at 8.5x the teacher's perplexity at lr 5e-5 and at 1.75x at 1e-3 (results/gqa_cpu*.md).
+`*blockwise*` arms train each merged layer towards the teacher's output at its depth right after the
+merge (the stage's `blockwise` option).
 Metrics against the teacher on held-out Python docs; KV-cache bytes per token (bf16) before and
 after; and the decode speed ratio: greedy tokens/s of the converted export vs the teacher at a long
 context (CPU, fp32, the same prompt, measured in this run). Goal (issue 16): <= 1.05x the teacher's
@@ -27,6 +29,7 @@ from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_mar
 RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=1.0e-3"]  # the same tokens; the lr measured best here (docstring)
 TEACHER = "{init: teacher}"
+BLOCKWISE = "blockwise: {calibration_blocks: 128, lr: 1.0e-3}"
 ARMS = {
     "mean": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}]"),
     "weighted": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: weighted}]"),
@@ -35,6 +38,11 @@ ARMS = {
     "pca": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca}]"),
     "pca_onepass": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca, sequential: false}]"),
     "pca_kd": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: pca}, {kind: distill}]", TRAIN),
+    # the pca merge, then each merged layer trained towards the teacher's output at its depth (compress.blockwise;
+    # 16k calibration tokens, 2 epochs, lr 1e-3 as for 2:4), alone and before the same KD
+    "pca_blockwise": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}]"),
+    "pca_blockwise_kd": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, {{kind: distill}}]",
+                         TRAIN),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}

@@ -167,6 +167,29 @@ def test_sequential_pca_merges_each_layer_on_the_inputs_the_merged_layers_before
         torch.testing.assert_close(seq[name], by_hand[name])
 
 
+def test_blockwise_after_a_merge_brings_the_model_closer_on_unseen_text():
+    from compress.blockwise import blockwise_model, snapshot_layers
+
+    model = tiny(kv=4)
+    calib = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    originals = snapshot_layers(model)  # the targets, with 4 KV heads
+
+    def kl(m):
+        with torch.no_grad():
+            want = model(input_ids=held).logits.log_softmax(-1)
+            return torch.nn.functional.kl_div(m(input_ids=held).logits.log_softmax(-1), want, log_target=True,
+                                              reduction="batchmean").item()
+
+    for method in ("pca", "mean"):
+        small = converted(model, 2, method, calib)
+        before = kl(small)
+        errors = blockwise_model(small, calib, originals, epochs=4, lr=1e-3, batch_size=4, log=lambda *_: None)
+        assert small.config.num_key_value_heads == 2 and small.model.layers[0].self_attn.k_proj.out_features == 32
+        assert all(after < first for first, after in errors.values()), (method, errors)
+        assert kl(small) < 0.8 * before, (method, kl(small), before)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the merges on a model that lives there")
 def test_merges_of_a_model_on_the_gpu_equal_those_on_the_cpu():
     model = tiny(kv=4)
@@ -202,13 +225,15 @@ def test_pca_refuses_models_it_cannot_fold_into():
 @pytest.mark.slow
 def test_gqa_then_distill_exports_a_stock_model_with_fewer_kv_heads(tiny_teacher, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
-                          stages=[{"kind": "gqa", "num_key_value_heads": 1, "calibration_blocks": 4},
+                          stages=[{"kind": "gqa", "num_key_value_heads": 1, "calibration_blocks": 4,
+                                   "blockwise": {"calibration_blocks": 4, "lr": 1e-3}},
                                   {"kind": "distill", "max_steps": 3}])
     p = launch(recipe)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "out"
     info = json.loads((out / "stages/0-gqa/transform.json").read_text())
     assert info["kv_heads"] == [2, 1] and info["kv_bytes_per_token_bf16"][0] == 2 * info["kv_bytes_per_token_bf16"][1]
+    assert info["blockwise_tokens"] > 0 and info["blockwise_error_after"] < info["blockwise_error_before"]
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.num_key_value_heads == 1 and final.model.layers[0].self_attn.v_proj.out_features == 16
     assert "modules.json" not in {f.name for f in (out / "final").iterdir()}

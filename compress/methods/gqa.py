@@ -5,6 +5,7 @@
       - kind: gqa
         num_key_value_heads: 1
         merge: pca                  # mean (Ainslie et al.) | weighted | pca (see compress.kv_heads)
+        blockwise: {lr: 1.0e-3}     # optional: then each layer trained towards the original's output
       - kind: distill
 
 The result is a stock HF model with ``num_key_value_heads`` reduced in its config: the KV cache
@@ -12,7 +13,10 @@ shrinks by the same factor, and transformers, lm-eval and vLLM load it as is. Th
 ``compress.kv_heads``: ``weighted`` changes only k_proj and v_proj, with the query energy per RoPE pair
 on calibration blocks as its weights; ``pca`` also rewrites q_proj and o_proj so that each query head
 reads its old key and value back from the merged one (a rank-one complex factor per RoPE pair for
-keys, a PCA in the output metric for values).
+keys, a PCA in the output metric for values). ``blockwise`` (``compress.blockwise``, as on the
+quantize / qat / sparsify stages) then trains each merged decoder layer, in turn, so that its output
+matches the original layer's at that depth on calibration text: the merge fixes where the weights start,
+the layer's own output error sets where they end, before any KD step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress.blockwise import BlockwiseConfig, snapshot_layers
 from compress.calibration import each_layer
 from compress.errors import CompressError
 from compress.kv_heads import check_kv_heads, kv_bytes_per_token, merge_state, merge_state_pca
@@ -35,6 +40,7 @@ class GqaStage(StageConfig):
     merge: Literal["mean", "weighted", "pca"] = "pca"
     calibration_blocks: int = Field(32, ge=1)  # weighted, pca: the blocks whose statistics drive the merge
     sequential: bool = True  # pca: each layer's statistics read with the layers before it merged
+    blockwise: BlockwiseConfig | None = None  # then each merged layer trained towards the original's output
     max_steps: None = None
 
 
@@ -184,6 +190,7 @@ class Gqa(StageMethod):
 
         cfg, ctx, old = self.cfg, self.ctx, model.config
         check_kv_heads(old.num_attention_heads, old.num_key_value_heads, cfg.num_key_value_heads)
+        originals = snapshot_layers(model) if cfg.blockwise is not None else None  # the targets, before the merge
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if cfg.merge == "mean":
             state = merge_state(state, old, cfg.num_key_value_heads, "mean")
@@ -205,6 +212,9 @@ class Gqa(StageMethod):
         tied = {"lm_head.weight"} if getattr(new_cfg, "tie_word_embeddings", False) else set()
         assert not unexpected and set(missing) <= tied, f"merged state does not fit: {missing} {unexpected}"
         small.config.use_cache = False
+        small.to(device)
         self.transform_info = {"merge": cfg.merge, "kv_heads": [old.num_key_value_heads, cfg.num_key_value_heads],
                                "kv_bytes_per_token_bf16": [kv_bytes_per_token(old), kv_bytes_per_token(new_cfg)]}
-        return small.to(device)
+        if cfg.blockwise is not None:
+            self.transform_info |= cfg.blockwise.run(small, originals, ctx)
+        return small
