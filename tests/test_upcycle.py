@@ -152,12 +152,21 @@ def test_upcycle_then_distill_exports_a_mixtral_that_transformers_loads_alone(ti
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
                           stages=[{"kind": "upcycle", "experts": 4, "top_k": 2, "noise": 0.01, "calibration_blocks": 4,
                                    "capacity_factor": 1.0},
-                                  {"kind": "distill", "max_steps": 4}])
+                                  {"kind": "distill", "max_steps": 4}], train={"eval_every": 2})
     p = launch(recipe)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "out"
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(final).__name__ == "MixtralForCausalLM" and final.config.num_local_experts == 4
+    from benchmarks.upcycle import _plot, curve  # the benchmark's loss curves, read from this real run
+
+    table = json.loads((out / "summary.json").read_text())["table"]
+    c = curve(out / "metrics.jsonl", table)
+    assert c["eval_step"] == [0, 2, 4] and c["train_step"] and max(c["train_step"]) == 4
+    assert c["eval_ppl"][0] == next(r for r in table if r["model"].startswith("after 0-upcycle"))["student_ppl"]
+    assert c["eval_ppl"][-1] == table[-1]["student_ppl"] and all(x > 0 for x in c["eval_ppl"] + c["train_loss"])
+    _plot({"moe": {0: c, 1: c}}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "modules.json" not in {f.name for f in (out / "final").iterdir()}
     from safetensors.torch import load_file
 
