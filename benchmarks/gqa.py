@@ -109,12 +109,12 @@ def _verdict(stats: dict, speed: dict | None) -> dict:
                 a, b = stats[better][m]["mean"], stats[worse][m]["mean"]
                 v[f"{better} merge beats {worse} before training, {m}"] = \
                     f"{'met' if a < b else 'not met'} ({a:.4g} vs {b:.4g}; one-shot: deterministic)"
-    for arm in ("pca_kd", "weighted_kd", "mean_kd"):
-        if arm in stats:
-            v[f"{arm} ppl ratio <= 1.05"] = against_goal(stats[arm]["ppl_ratio"], 1.05)
-    for better, worse in (("weighted_kd", "mean_kd"), ("pca_kd", "weighted_kd")):
+    for arm in (a for a in stats if a.endswith("_kd")):
+        v[f"{arm} ppl ratio <= 1.05"] = against_goal(stats[arm]["ppl_ratio"], 1.05)
+    for better, worse in (("weighted_kd", "mean_kd"), ("pca_kd", "weighted_kd"), ("pca_blockwise_kd", "pca_kd")):
         if better in stats and worse in stats:
-            v[f"{better} vs {worse}, ppl_ratio"] = compare(stats[better]["ppl_ratio"], stats[worse]["ppl_ratio"], "lower")
+            for m in ("ppl_ratio", "kl"):
+                v[f"{better} vs {worse}, {m}"] = compare(stats[better][m], stats[worse][m], "lower")
     if speed:
         v[f"decode speed at {speed['context']} tokens of context (CPU, fp32)"] = \
             f"{speed['speedup']:.2f}x the teacher ({speed['student_tok_s']:.1f} vs {speed['teacher_tok_s']:.1f} tokens/s)"
