@@ -17,6 +17,12 @@ DEFAULT_RECIPE = REPO / "recipes/smollm2_distill.yaml"  # what the method benchm
 EQUAL_TOKENS = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
 
 
+def blockwise(lr: str | None = None) -> str:
+    """A stage's ``blockwise:`` option as the method sweeps set it: 128 calibration blocks (16k tokens,
+    GPTQ's and SparseGPT's), and ``lr`` (a YAML float) where not the default 1e-4."""
+    return f"blockwise: {{calibration_blocks: 128{f', lr: {lr}' if lr else ''}}}"
+
+
 def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> tuple[Path, list[str], dict]:
     """(out, overrides, resolved recipe) for one run, validated now: a bad sweep fails before any run."""
     from compress.errors import CompressError

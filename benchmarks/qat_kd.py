@@ -23,15 +23,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, against_goal, compare, pm,  # noqa: E402
-                               run_sweep, sweep_arguments, sweep_payload, write_results)
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
+                               blockwise, compare, pm, run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
 TRAIN = EQUAL_TOKENS
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
-BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # each layer trained towards the teacher's output, same 16k tokens
-BLOCKWISE_LR = {lr: f"blockwise: {{calibration_blocks: 128, lr: {lr}}}" for lr in ("3.0e-4", "1.0e-3")}  # default 1e-4
+BLOCKWISE = blockwise()  # each layer trained towards the teacher's output, same 16k tokens
+BLOCKWISE_LR = {"lr3e-4": blockwise("3.0e-4"), "lr1e-3": blockwise("1.0e-3")}  # arm tag -> option (default lr 1e-4)
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 
 
@@ -56,8 +56,7 @@ ARMS = {
     # block-wise reconstruction after round to nearest / after GPTQ (compress.blockwise)
     "blockwise_int4_g64": ptq(FORMATS["int4_g64"], BLOCKWISE),
     "gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
-    **{f"gptq_blockwise_lr{lr.replace('.0', '')}_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {b}")
-       for lr, b in BLOCKWISE_LR.items()},
+    **{f"gptq_blockwise_{tag}_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {b}") for tag, b in BLOCKWISE_LR.items()},
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -72,8 +71,8 @@ ARMS = {
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
-    **{f"qat_kd_gptq_blockwise_lr{lr.replace('.0', '')}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
-       for lr, b in BLOCKWISE_LR.items()},
+    **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
+       for tag, b in BLOCKWISE_LR.items()},
     # the same as qat_kd_gptq_int4_g64 on 4x the tokens (600 steps): what the recovery goal costs
     "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], [*TRAIN, "train.max_steps=600"]),
 }
@@ -107,10 +106,10 @@ def _verdict(stats: dict) -> dict:
     for arm in goal_arms:
         for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
             v[f"{arm} {m} goal {goal}"] = against_goal(stats[arm][m], goal, better)
-    for arm, st in stats.items():
+    for arm, st in ((a, st) for a, st in stats.items() if a.startswith("qat_kd_")):
         fmt = format_of(arm)
         rtn = stats.get(f"rtn_{fmt}")
-        if not arm.startswith("qat_kd_") or rtn is None:
+        if rtn is None:
             continue
         for m, base in (("ppl_ratio", 1.0), ("kl", 0.0)):
             rec = (rtn[m]["mean"] - st[m]["mean"]) / (rtn[m]["mean"] - base)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, against_goal, compare,  # noqa: E402
-                               run_sweep, sweep_arguments, sweep_payload, write_results)
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
+                               blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_results)
 
 RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=5.0e-4"]  # the same tokens; the lr measured best here (docstring)
@@ -34,8 +34,8 @@ def sparsify(method: str, extra: str = "") -> str:
     return f"{{kind: sparsify, method: {method}{', ' + extra if extra else ''}}}"
 
 
-BLOCKWISE = "blockwise: {calibration_blocks: 128}"  # then each layer trained towards the dense output, masks held
-BLOCKWISE_HI = "blockwise: {calibration_blocks: 128, lr: 1.0e-3}"  # 10x the lr: a 2:4 mask needs larger moves
+BLOCKWISE = blockwise()  # then each layer trained towards the dense output, masks held
+BLOCKWISE_HI = blockwise("1.0e-3")  # 10x the lr: a 2:4 mask needs larger moves
 
 
 ARMS = {
