@@ -55,3 +55,21 @@ def test_a_run_made_before_a_new_optional_field_is_still_the_same_recipe():
     assert not same_recipe(old, {"seed": 1, "stages": old["stages"]})
     assert not same_recipe(old, {"seed": 0, "stages": [*old["stages"], {"kind": "distill"}]})
     assert not same_recipe(old, {"seed": 0, "stages": [{"kind": "sparsify", "method": "wanda"}]})
+
+
+def test_a_benchmark_run_keeps_its_results_and_final_model_but_not_the_stage_snapshots(tmp_path, tiny_teacher):
+    """A real run through the sweeps' runner: summary and final model stay (--reuse, speed and task checks
+    read them); the per-stage resume snapshots, a full model each, are deleted once the run has finished."""
+    from benchmarks.common import BENCH_ENV, finished, plan_run, run_recipe
+    from tests.tiny import run_env, write_recipe
+
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "unused")
+    out, overrides, recipe = plan_run("tiny", recipe_path, tmp_path / "runs/arm/seed0",
+                                      ["train.max_steps=2", "stages=[{kind: distill}, {kind: distill, max_steps: 1}]"])
+    result = run_recipe("tiny", recipe_path, out, overrides, recipe, {**run_env(), **BENCH_ENV}, echo=False)
+    assert result["reused"] is False and result["final"]["student_ppl"] > 0
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["0-distill", "1-distill"]
+    assert not list((out / "stages").glob("*/model")), "stage snapshots left behind"
+    assert (out / "final/model.safetensors").is_file() and (out / "final/config.json").is_file()
+    again = finished(out, recipe)
+    assert again["reused"] and again["final"] == result["final"] and again["seconds"] > 0
