@@ -5,11 +5,11 @@
 # carried (scripts/device_payload.sh), the CUDA-graph decoding test and the end-to-end decode
 # benchmark. Logs and results go to $OUT (or ./gpu_out). Each step has its own time limit, so one
 # that hangs leaves the others.
-#     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode qat
+#     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode qat sweep
 #                                            (default: the first three)
 # qat (needs the whole payload: teacher, data, deepspeed): the QAT benchmark's arms in $QAT_ARMS
 # (default: QAT from GPTQ with and without block-wise reconstruction, every float format, with their
-# RTN baselines) over 3 seeds, 6 at once
+# RTN baselines) over 3 seeds, 6 at once. sweep: benchmarks/$SWEEP.py $SWEEP_ARGS, 6 runs at once
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -47,7 +47,16 @@ for step in $steps; do
          [ $rc = 0 ] || python3 benchmarks/qat_kd.py --arms "$arms" --seeds 0,1,2 --runs /tmp/bench_qat \
            --tag qat_formats_cuda --aggregate >> "$OUT/qat.log" 2>&1  # what finished, when cut short
          cp benchmarks/results/qat_formats_cuda.* "$OUT/" 2>/dev/null ;;
-    *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode, qat)"; continue ;;
+    sweep) # any method sweep, e.g. SWEEP=upcycle SWEEP_ARGS="--arms dense,moe_copy --seeds 0,1,2" (needs the payload)
+           [ -n "${SWEEP:-}" ] || { echo "sweep: set SWEEP to a benchmark (gqa, on_policy, prune_kd, qat_kd, sparsity, upcycle)"; continue; }
+           tag=${SWEEP_TAG:-${SWEEP}_cuda}
+           timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/$SWEEP.py ${SWEEP_ARGS:-} --jobs ${SWEEP_JOBS:-6} \
+             --runs /tmp/bench_$SWEEP --tag "$tag" > "$OUT/sweep.log" 2>&1
+           rc=$?
+           [ $rc = 0 ] || python3 benchmarks/$SWEEP.py ${SWEEP_ARGS:-} --runs /tmp/bench_$SWEEP --tag "$tag" \
+             --aggregate >> "$OUT/sweep.log" 2>&1  # what finished, when cut short
+           cp benchmarks/results/$tag.* "$OUT/" 2>/dev/null ;;
+    *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode, qat, sweep)"; continue ;;
   esac
   echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
 done
