@@ -80,7 +80,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_arguments(ap, list(ARMS), list(ARMS), "runs/bench_gqa", "gqa")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    ap.add_argument("--figure", action="store_true", help=f"train nothing: draw the README's figure from the committed "
+                                                          f"results ({FIGURE_TAG}.png)")
     args = ap.parse_args()
+    if args.figure:
+        path = REPO / "benchmarks/results" / f"{FIGURE_TAG}.png"
+        summary_figure(path)
+        print(f"wrote {path}")
+        return 0
     results, plans, wall = run_sweep(ARMS, RECIPE, args)
     stats = arm_stats(results, METRICS)
     for a, st in stats.items():
@@ -102,6 +109,58 @@ def main() -> int:
     payload = sweep_payload(args, wall, ARMS, results, stats, verdict, decode_speed=speed)
     write_results(args.tag, payload, md)
     return 0
+
+
+# The README's figure: each merge alone and after the same KD (150 x 1,024 tokens), from the committed result
+# pages (tag, arm); the KD lr each start measured best at.
+FIGURE_TAG = "gqa_summary"
+FIGURE = {
+    "mean-pool": [("gqa_oneshot", "mean"), None],
+    "weighted (ours)": [("gqa_oneshot", "weighted"), ("gqa_cpu_lr1e-3", "weighted_kd")],
+    "pca (ours)": [("gqa_oneshot_pca", "pca"), ("gqa_pca_kd_lr1e-3", "pca_kd")],
+    "pca + block-wise": [("gqa_pca_blockwise_oneshot", "pca_blockwise"),
+                         ("gqa_pca_blockwise_kd_lr3e-4", "pca_blockwise_kd")],
+}
+
+
+def summary_figure(path: Path, results: Path = REPO / "benchmarks/results") -> dict:
+    """Bars of the perplexity ratio (log scale, mean ± std where several seeds) of each merge alone and
+    after KD, the goal as a line; returns the numbers drawn {merge: [alone, after KD]} (None: not run)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(ref):
+        if ref is None:
+            return None
+        page = json.loads((results / f"{ref[0]}.json").read_text())
+        return page["summary"][ref[1]]["ppl_ratio"]
+
+    drawn = {merge: [read(ref) for ref in refs] for merge, refs in FIGURE.items()}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.38
+    for j, label in enumerate(("conversion alone", "+ KD, 150 x 1,024 tokens (± std: 3 seeds)")):
+        for i, (merge, vals) in enumerate(drawn.items()):
+            v = vals[j]
+            if v is None:
+                ax.text(i + (j - 0.5) * width, 1.3, "not run", ha="center", va="bottom", rotation=90, fontsize=7)
+                continue
+            ax.bar(i + (j - 0.5) * width, v["mean"], width, yerr=v["std"] or 0, capsize=3, color=f"C{j}", label=label)
+            label = None  # once per series
+            ax.text(i + (j - 0.5) * width, v["mean"] * 1.08, f"{v['mean']:.3g}" + (f"\n±{v['std']:.2g}" if v["std"] else ""),
+                    ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.05, color="k", ls="--", lw=0.8, label="goal 1.05x")
+    ax.set(yscale="log", ylabel="perplexity / teacher's", xticks=range(len(drawn)), xticklabels=list(drawn),
+           title="SmolLM2-135M, 3 KV heads -> 1 (KV bytes / 3), held-out Python docs, CPU")
+    ax.set_ylim(0.8, 3000)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return drawn
 
 
 def _verdict(stats: dict, speed: dict | None) -> dict:

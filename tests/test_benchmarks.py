@@ -73,3 +73,22 @@ def test_a_benchmark_run_keeps_its_results_and_final_model_but_not_the_stage_sna
     assert (out / "final/model.safetensors").is_file() and (out / "final/config.json").is_file()
     again = finished(out, recipe)
     assert again["reused"] and again["final"] == result["final"] and again["seconds"] > 0
+
+
+def test_the_readme_gqa_figure_reads_every_committed_result_it_names(tmp_path):
+    """The figure is drawn from committed result pages: a renamed page or arm fails here, and the bars
+    are those pages' numbers."""
+    import json
+
+    from benchmarks import gqa
+
+    drawn = gqa.summary_figure(tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(drawn) == list(gqa.FIGURE)
+    for merge, refs in gqa.FIGURE.items():
+        for ref, value in zip(refs, drawn[merge]):
+            if ref is None:
+                assert value is None
+                continue
+            page = json.loads((gqa.REPO / "benchmarks/results" / f"{ref[0]}.json").read_text())
+            assert value == page["summary"][ref[1]]["ppl_ratio"] and value["mean"] >= 1.0
