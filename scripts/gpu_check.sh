@@ -24,6 +24,17 @@ done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
+# A method benchmark's sweep, $SWEEP_JOBS (6) runs at once under a time limit; when cut short it aggregates
+# what finished. Results to $OUT.   bench_sweep BENCH LIMIT_S TAG LOG [benchmark args...]
+bench_sweep() {
+  local bench=$1 limit=$2 tag=$3 log=$4 rc
+  shift 4
+  timeout "$limit" python3 "benchmarks/$bench.py" "$@" --jobs "${SWEEP_JOBS:-6}" --runs "/tmp/bench_$bench" --tag "$tag" > "$log" 2>&1
+  rc=$?
+  [ $rc = 0 ] || python3 "benchmarks/$bench.py" "$@" --runs "/tmp/bench_$bench" --tag "$tag" --aggregate >> "$log" 2>&1
+  cp "benchmarks/results/$tag".* "$OUT/" 2>/dev/null
+  return $rc
+}
 for step in $steps; do
   start=$(date +%s)
   case $step in
@@ -41,21 +52,12 @@ for step in $steps; do
               --tag decode_cuda > "$OUT/decode.log" 2>&1
             rc=$?; cp benchmarks/results/decode_cuda.* "$OUT/" 2>/dev/null ;;
     qat) arms=${QAT_ARMS:-rtn_int4_g64,gptq_blockwise_int4_g64,qat_kd_gptq_int4_g64,qat_kd_gptq_blockwise_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4,qat_kd_gptq_int4_g64_600}
-         timeout ${QAT_TIMEOUT:-540} python3 benchmarks/qat_kd.py --arms "$arms" --seeds 0,1,2 --jobs 6 \
-           --runs /tmp/bench_qat --tag qat_formats_cuda > "$OUT/qat.log" 2>&1
-         rc=$?
-         [ $rc = 0 ] || python3 benchmarks/qat_kd.py --arms "$arms" --seeds 0,1,2 --runs /tmp/bench_qat \
-           --tag qat_formats_cuda --aggregate >> "$OUT/qat.log" 2>&1  # what finished, when cut short
-         cp benchmarks/results/qat_formats_cuda.* "$OUT/" 2>/dev/null ;;
+         bench_sweep qat_kd "${QAT_TIMEOUT:-540}" qat_formats_cuda "$OUT/qat.log" --arms "$arms" --seeds 0,1,2
+         rc=$? ;;
     sweep) # any method sweep, e.g. SWEEP=upcycle SWEEP_ARGS="--arms dense,moe_copy --seeds 0,1,2" (needs the payload)
            [ -n "${SWEEP:-}" ] || { echo "sweep: set SWEEP to a benchmark (gqa, on_policy, prune_kd, qat_kd, sparsity, upcycle)"; continue; }
-           tag=${SWEEP_TAG:-${SWEEP}_cuda}
-           timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/$SWEEP.py ${SWEEP_ARGS:-} --jobs ${SWEEP_JOBS:-6} \
-             --runs /tmp/bench_$SWEEP --tag "$tag" > "$OUT/sweep.log" 2>&1
-           rc=$?
-           [ $rc = 0 ] || python3 benchmarks/$SWEEP.py ${SWEEP_ARGS:-} --runs /tmp/bench_$SWEEP --tag "$tag" \
-             --aggregate >> "$OUT/sweep.log" 2>&1  # what finished, when cut short
-           cp benchmarks/results/$tag.* "$OUT/" 2>/dev/null ;;
+           bench_sweep "$SWEEP" "${SWEEP_TIMEOUT:-540}" "${SWEEP_TAG:-${SWEEP}_cuda}" "$OUT/sweep.log" ${SWEEP_ARGS:-}
+           rc=$? ;;
     *) echo "unknown step $step (selftest, kernels, chunked, graphs, decode, qat, sweep)"; continue ;;
   esac
   echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
