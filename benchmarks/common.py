@@ -94,17 +94,12 @@ def run_recipe(label: str, recipe_path: Path, out: Path, overrides: list[str], r
     return {**summary, "seconds": seconds, "reused": False}
 
 
-def drop_stage_models(out: Path) -> int:
+def drop_stage_models(out: Path) -> None:
     """Deletes a finished run's per-stage model snapshots (``stages/*/model``: resume points, a full model
-    each) and returns the bytes freed. ``final/`` (speed and task checks read it), the summary and each
-    stage's report stay. A sweep of 3 seeds x 5 arms x 3 stages kept ~35 GB of them otherwise."""
-    freed = 0
+    each). ``final/`` (speed and task checks read it), the summary and each stage's report stay. A sweep
+    of 3 seeds x 5 arms x 3 stages kept ~35 GB of them otherwise."""
     for model in (out / "stages").glob("*/model"):
-        for f in model.rglob("*"):
-            if f.is_file():
-                freed += f.stat().st_size
         shutil.rmtree(model)
-    return freed
 
 
 def mean_std(xs: list[float]) -> dict:

@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
-                               blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_results)
+                               blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_atomic,
+                               write_results)
 
 RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=1.0e-3"]  # the same tokens; the lr measured best here (docstring)
@@ -85,7 +86,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.figure:
         path = REPO / "benchmarks/results" / f"{FIGURE_TAG}.png"
-        summary_figure(path)
+        write_atomic({path: summary_figure})  # as every results file: never a half-written one
         print(f"wrote {path}")
         return 0
     results, plans, wall = run_sweep(ARMS, RECIPE, args)
