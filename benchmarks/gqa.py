@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
                                blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_atomic,
                                write_results)
+from compress.report import pyplot, save_figure  # noqa: E402
 
 RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=1.0e-3"]  # the same tokens; the lr measured best here (docstring)
@@ -129,10 +130,7 @@ def summary_figure(path: Path, results: Path = REPO / "benchmarks/results") -> d
     after KD, the goal as a line; returns the numbers drawn {merge: [alone, after KD]} (None: not run)."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def read(ref):
         if ref is None:
@@ -158,9 +156,7 @@ def summary_figure(path: Path, results: Path = REPO / "benchmarks/results") -> d
            title="SmolLM2-135M, 3 KV heads -> 1 (KV bytes / 3), held-out Python docs, CPU")
     ax.set_ylim(0.8, 3000)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return drawn
 
 

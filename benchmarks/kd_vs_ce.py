@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from compress.tracking import format_table  # noqa: E402
 from benchmarks.common import BENCH_ENV, compare, finished, mean_std, plan_run, pm, run_recipe, write_results  # noqa: E402
+from compress.report import pyplot, save_figure  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
 VARIANTS = {
@@ -186,10 +187,7 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, seeds: list[int],
 
 
 def _plot(results: dict, stats: dict, seeds: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("ppl", "held-out perplexity (lower better)"), ("gap_ratio", "gap ratio vs CE-only (lower better)"),
               ("top1_agreement", "top-1 agreement (higher better)"), ("kl", "KL to teacher (lower better)")]
@@ -212,9 +210,7 @@ def _plot(results: dict, stats: dict, seeds: list[int], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"KD vs CE-only over seeds {','.join(map(str, seeds))}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import compare, latency_ratios, mean_std, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
+from compress.report import pyplot, save_figure  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2_distill.yaml"
@@ -170,10 +171,7 @@ def _markdown(args, results: dict, stats: dict, verdict: dict, wall: float) -> s
 
 
 def _plot(results: dict, stats: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arms = [a for a in results if results[a]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -197,9 +195,7 @@ def _plot(results: dict, stats: dict, path: Path) -> None:
         axes[0].legend(handles[:1], labels[:1], fontsize=7)
     fig.suptitle("Structured pruning + KD at ~50% of the non-embedding parameters (dots: seeds; bars: mean ± std)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
+from compress.report import pyplot, save_figure  # noqa: E402
 
 RECIPE = DEFAULT_RECIPE
 EVAL_EVERY = 30  # held-out evaluations along the way: the loss curves side by side
@@ -81,11 +82,9 @@ def curve(metrics: Path, table: list[dict]) -> dict[str, list]:
 
 
 def _plot(curves: dict, path: Path) -> None:
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     for i, (arm, by_seed) in enumerate(curves.items()):
@@ -105,9 +104,7 @@ def _plot(curves: dict, path: Path) -> None:
     right.set(title="held-out perplexity", xlabel="step")
     for ax in (left, right):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 from compress.tracking import format_table
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: reports and benchmarks draw with no display."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,10 +25,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+def save_figure(fig, path: Path, dpi: int = 110, tight: bool = True) -> bool:
+    """Writes ``fig`` as a PNG (whatever ``path`` ends with: a temporary name too) and frees it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format="png")
+    pyplot().close(fig)
     return True
 
 
@@ -35,7 +38,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     rows = [r for r in metrics if "loss" in r]
     if not rows:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for stage in sorted({r["stage"] for r in rows}):
         pts = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage]
@@ -43,13 +46,13 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
     if len(models) < 2:
         return False
-    plt = _plt()
+    plt = pyplot()
     with_mmlu = [m for m in models if m.get("mmlu") is not None]
     fig, axes = plt.subplots(1, 2 if with_mmlu else 1, figsize=(9 if with_mmlu else 5, 3.2), squeeze=False)
     ax = axes[0][0]
@@ -67,14 +70,14 @@ def plot_quality_vs_size(models: list[dict], path: Path) -> bool:
         ax.axhline(0.25, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("weights (MiB)")
         ax.set_ylabel("MMLU accuracy (0.25 = chance)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_speculative(spec: list[dict], path: Path) -> bool:
     spec = [r for r in spec if "acceptance_rate" in r]  # rows skipped by an early stop have none
     if not spec:
         return False
-    plt = _plt()
+    plt = pyplot()
     ks = [r["k"] for r in spec]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(ks, [r["acceptance_rate"] for r in spec], marker="o", label="acceptance rate")
@@ -82,7 +85,7 @@ def plot_speculative(spec: list[dict], path: Path) -> bool:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("draft tokens per round (k)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # the phases an upcycled MoE's utilization is reported at: (label, key in expert_utilization.json)
@@ -95,7 +98,7 @@ def plot_expert_utilization(experts: dict | None, path: Path) -> bool:
     if not experts or not experts.get("utilization"):
         return False
     panels = [(name, experts[key]) for name, key in _PHASES if experts.get(key)]
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
     n_layers, n_experts = len(panels[0][1]), len(panels[0][1][0])
@@ -115,9 +118,7 @@ def plot_expert_utilization(experts: dict | None, path: Path) -> bool:
         if layers and layers != list(range(n_layers)) and n_layers <= 32:
             ax.set_yticks(range(n_layers), [str(l) for l in layers])
     fig.colorbar(im, ax=list(axes[0]), label=f"share of routings (even = {even:.3g})")
-    fig.savefig(path, dpi=110)  # constrained layout, not _save's tight_layout: it fights the shared colour bar
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, tight=False)  # constrained layout: tight_layout fights the shared colour bar
 
 
 def expert_section(experts: dict | None) -> list[str]:
