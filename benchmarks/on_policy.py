@@ -14,7 +14,9 @@ student accepts more than the off-policy one and the CE one, beyond the seed spr
 
 The `*_24l` arms start from a stronger student instead: the teacher with its 6 least important
 layers removed by a `prune` stage (calibration KL), so the student's own samples are fluent text
-from the first step, as GKD's supervised students' are.
+from the first step, as GKD's supervised students' are; `on_policy_greedy_24l` samples them greedily
+(a greedy draft is judged on the teacher's greedy path, which a close student's greedy path follows).
+Their acceptance is measured on 32 prompts instead of 8.
 """
 
 import argparse
@@ -47,7 +49,8 @@ PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
 # each on-policy arm against the arms that start from the same student
 RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
           "kd_then_on_policy_cool": ("kd", "ce", "on_policy", "kd_two_stages"),
-          "kd_then_on_policy_greedy": ("kd", "ce", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l")}
+          "kd_then_on_policy_greedy": ("kd", "ce", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l"),
+          "on_policy_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -73,6 +76,10 @@ ARMS = {
     "kd_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl}}, {EVAL_24}]", TRAIN),
     "on_policy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {ON_POLICY}}}, "
                                          f"{EVAL_24}]", TRAIN),
+    # greedy student continuations: a greedy draft is judged only on the teacher's greedy path, and a
+    # student this close to its teacher mostly walks that path when it decodes greedily too
+    "on_policy_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
+                                                f"{{lmbda: 0.5, prompt_tokens: 32, temperature: 0.0}}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
