@@ -216,6 +216,9 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
         if tasks and s in results[a]:
             results[a][s]["tasks"], results[a][s]["teacher_tasks"] = score_tasks(REPO / out, recipe, tasks, env)
     wall = time.time() - t0
+    if not any(results.values()):  # --aggregate over the wrong --runs, arms or seeds: keep the committed page
+        sys.exit(f"error: no finished run of arms {args.arms} seeds {args.seeds} under {args.runs} (made from these "
+                 f"recipes); nothing written. Check --runs, --arms, --seeds and --set.")
     if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
         wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
     return results, plans, wall
@@ -267,6 +270,17 @@ def sweep_payload(args, wall: float, arms: dict, results: dict, stats: dict, ver
             "summary": stats, **extra, "verdict": verdict}
 
 
+def _reused_note(results: dict) -> str:
+    """When some runs came from earlier invocations (--reuse), the wall time is this one's alone: say so,
+    and give every run's own time added up."""
+    runs = [r for by in results.values() for r in by.values()]
+    reused = sum(bool(r.get("reused")) for r in runs)
+    if not reused:
+        return ""
+    total = sum(r.get("seconds") or 0.0 for r in runs)
+    return f" ({reused} of {len(runs)} runs reused from earlier invocations; every run's own time: {total / 60:.1f} min)"
+
+
 def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, verdict: dict, wall: float,
                   results: dict, notes: str, columns: dict[str, str], teacher_row: dict) -> str:
     """The results page of an arms x seeds sweep: header (command, time, device), one row per arm
@@ -278,7 +292,7 @@ def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, ver
              f"Command: .venv/bin/python benchmarks/{script} --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
              + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if args.tasks else "")
              + f" --tag {args.tag}",
-             f"Wall time: {wall / 60:.1f} min. Device: {', '.join(devices)}.",
+             f"Wall time: {wall / 60:.1f} min{_reused_note(results)}. Device: {', '.join(devices)}.",
              "", notes, ""]
     tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
     rows = [{"arm": a, "seeds": len(st["seeds"]), **{m: pm(st[m]) for m in metrics},

@@ -92,3 +92,42 @@ def test_the_readme_gqa_figure_reads_every_committed_result_it_names(tmp_path):
                 continue
             page = json.loads((gqa.REPO / "benchmarks/results" / f"{ref[0]}.json").read_text())
             assert value == page["summary"][ref[1]]["ppl_ratio"] and value["mean"] >= 1.0
+
+
+def test_a_results_page_built_partly_from_earlier_runs_says_so_beside_its_wall_time():
+    """With --reuse the wall time is the last invocation's alone (a 24 min header over 105 min of runs):
+    the page must say how many runs came from before and what all of them took."""
+    from argparse import Namespace
+
+    from benchmarks.common import arm_stats, arms_markdown
+
+    def run(seconds, reused, ppl):
+        return {"seconds": seconds, "reused": reused, "device": "cpu", "precision": "fp32",
+                "final": {"student_ppl": ppl}, "bytes_on_disk": 1, "table": [{}]}
+
+    args = Namespace(arms="a", seeds="0,1", jobs=1, set=[], tasks="", tag="t")
+    metrics = {"ppl": ("student_ppl", "lower")}
+
+    def header(results):
+        md = arms_markdown("T", "x.py", args, arm_stats(results, metrics), metrics, {}, 600.0, results, "", {}, {})
+        return next(line for line in md.splitlines() if line.startswith("Wall time"))
+
+    assert header({"a": {0: run(1200.0, True, 13.0), 1: run(600.0, False, 13.1)}}) == (
+        "Wall time: 10.0 min (1 of 2 runs reused from earlier invocations; every run's own time: 30.0 min). "
+        "Device: cpu (fp32).")
+    assert header({"a": {0: run(500.0, False, 13.0), 1: run(600.0, False, 13.1)}}) == \
+        "Wall time: 10.0 min. Device: cpu (fp32)."
+
+
+def test_aggregating_where_no_run_finished_is_an_error_that_writes_no_results_page(tmp_path):
+    """--aggregate over a wrong --runs once overwrote a committed page with an empty table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    tag = "test_aggregate_nothing"
+    p = subprocess.run([sys.executable, "benchmarks/upcycle.py", "--arms", "dense", "--seeds", "0", "--aggregate",
+                        "--runs", str(tmp_path / "no_runs"), "--tag", tag], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 1 and "no finished run of arms dense seeds 0 under" in p.stderr, p.stderr[-2000:]
+    assert not list((repo / "benchmarks/results").glob(f"{tag}*"))
