@@ -1,7 +1,9 @@
 """Dense -> MoE upcycling on the real teacher: the upcycled model (4 experts, top-2, copies with a
-little noise) vs the dense model, both trained on the same tokens from the same start.
+little noise; `moe_split`: the MLP's channels split; `moe_top1`: top-1 routing, as many active
+parameters per token as the dense model) vs the dense model, both trained on the same tokens from
+the same start.
 
-    .venv/bin/python benchmarks/upcycle.py [--arms dense,moe_copy,moe_split] [--seeds 0,1,2] [--jobs 1]
+    .venv/bin/python benchmarks/upcycle.py [--arms dense,moe_copy,moe_split,moe_top1] [--seeds 0,1,2] [--jobs 1]
 
 Results: benchmarks/results/<tag>.{md,json,png}; the figure has the loss curves side by side (training
 loss without the router terms, and held-out perplexity every 30 steps), mean ± std over seeds.
@@ -32,6 +34,8 @@ ARMS = {
     "dense": (TEACHER, "[{kind: finetune}]", TRAIN),
     "moe_copy": (TEACHER, "[{kind: upcycle, experts: 4, top_k: 2, noise: 0.01}, {kind: finetune}]", TRAIN),
     "moe_split": (TEACHER, "[{kind: upcycle, experts: 4, top_k: 2, init: split}, {kind: finetune}]", TRAIN),
+    # top-1: as many active parameters per token as the dense model (capacity without compute per token)
+    "moe_top1": (TEACHER, "[{kind: upcycle, experts: 4, top_k: 1, noise: 0.01}, {kind: finetune}]", TRAIN),
 }
 METRICS = {"ppl": ("student_ppl", "lower"), "ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower")}
 
@@ -46,14 +50,14 @@ def main() -> int:
         info = next(iter(results[a].values()))["transform"].get("0-upcycle", {}).get("moe_params", {})
         st["total"], st["active"] = info.get("total"), info.get("active")
     verdict = {}
-    for arm in ("moe_copy", "moe_split"):
+    for arm in (a for a in ARMS if a.startswith("moe_")):
         if arm in stats and "dense" in stats:
             verdict[f"{arm} reaches a lower held-out loss than dense"] = \
                 f"{compare(stats[arm]['ppl'], stats['dense']['ppl'], 'lower')} (ppl {stats[arm]['ppl']['mean']:.3f} vs " \
                 f"{stats['dense']['ppl']['mean']:.3f})"
     notes = "Mean ± sample std over seeds. Parameters: non-embedding, total and active per token (MoE arms)."
     teacher = {"arm": "teacher (untrained start)", "ppl_ratio": "1", "kl": "0"}
-    md = arms_markdown("Upcycling SmolLM2-135M-Instruct to a 4-expert top-2 MoE vs continued dense training, held-out "
+    md = arms_markdown("Upcycling SmolLM2-135M-Instruct to a 4-expert MoE vs continued dense training, held-out "
                        "Python docs", "upcycle.py", args, stats, METRICS, verdict, wall, results, notes,
                        {"total params": "total", "active params": "active"}, teacher)
     curves = {a: {s: curve(REPO / plans[a, s][0] / "metrics.jsonl", r["table"]) for s, r in by.items()}
