@@ -55,7 +55,10 @@ def finished(out: Path, recipe: dict) -> dict | None:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if not same_recipe(summary.get("recipe"), recipe):
+    def where_aside(r):  # the run is found by where it is: --runs given another way is the same run
+        return {k: v for k, v in r.items() if k != "output_dir"} if isinstance(r, dict) else r
+
+    if not same_recipe(where_aside(summary.get("recipe")), where_aside(recipe)):
         return None
     try:
         seconds = json.loads(out.with_suffix(".time.json").read_text())["seconds"]

@@ -131,3 +131,18 @@ def test_aggregating_where_no_run_finished_is_an_error_that_writes_no_results_pa
                         "--runs", str(tmp_path / "no_runs"), "--tag", tag], cwd=repo, capture_output=True, text=True)
     assert p.returncode == 1 and "no finished run of arms dense seeds 0 under" in p.stderr, p.stderr[-2000:]
     assert not list((repo / "benchmarks/results").glob(f"{tag}*"))
+
+
+def test_a_finished_run_is_found_whichever_way_its_folder_is_named(tmp_path):
+    """--runs relative from the worktree that ran it, or absolute from another checkout: the same run.
+    Anything else in the recipe still has to match."""
+    import json
+
+    from benchmarks.common import finished
+
+    out = tmp_path / "dense" / "seed0"
+    out.mkdir(parents=True)
+    recipe = {"output_dir": "runs/bench/dense/seed0", "seed": 0, "stages": [{"kind": "finetune"}]}
+    (out / "summary.json").write_text(json.dumps({"recipe": recipe, "metrics": {"init": {}, "final": {"ppl": 13.0}}}))
+    assert finished(out, {**recipe, "output_dir": str(out)})["final"] == {"ppl": 13.0}
+    assert finished(out, {**recipe, "output_dir": str(out), "seed": 1}) is None
