@@ -129,8 +129,8 @@ def main() -> int:
         if a != ce and ce in stats:
             verdict[f"{a} vs {ce}, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats[ce]["ppl_ratio"], "lower")
     notes = (f"60 steps x 4 x 128 tokens per run. Mean ± sample std over seeds. acceptance: drafted tokens the "
-             f"teacher kept at k = {K}, greedy, {PROMPTS} held-out prompts of 32 tokens ({PROMPTS_24} for the "
-             f"24-layer arms), 48 new tokens each, as many prompts as the check's 120 s allow (prompts served).")
+             f"teacher kept at k = {K}, greedy, on up to {PROMPTS} held-out prompts ({PROMPTS_24} for the 24-layer "
+             f"arms) of 32 tokens, 48 new tokens each: as many as the check's 120 s allow (prompts served).")
     columns = {"acceptance (k=4)": "acceptance_pm", "prompts served": "prompts_pm", "s/run": "seconds_pm"}
     from benchmarks.common import pm
 
