@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, arm_stats, arms_markdown, compare, mean_std,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
-from eval import stage as _eval_stage  # noqa: E402,F401  (registers `kind: eval` for the recipe checks)
+from eval import stage as _eval_stage  # noqa: E402  (registers `kind: eval` for the recipe checks)
 
 K = 4
+BUDGET_S = _eval_stage.SpeculativeCheck().time_budget_s  # the eval strings below leave the check's default
 PROMPTS, PROMPTS_24 = 8, 32  # held-out prompts the acceptance is measured on (48 new tokens each)
 
 
@@ -45,6 +46,7 @@ EVAL_24 = _eval(PROMPTS_24)
 STUDENT = "{init: drop_layers, keep_every: 2}"
 TRAIN = ["train.max_steps=60", "train.micro_batch_size=4"]
 ON_POLICY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 1.0}"
+ON_POLICY_GREEDY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 0.0}"
 PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
 # each on-policy arm against the arms that start from the same student
 RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
@@ -65,8 +67,8 @@ ARMS = {
     # the same with greedy student continuations: the states a greedy draft visits when it is judged
     # (DistillSpec, Zhou et al. 2024: match the training data to how the draft decodes)
     "kd_then_on_policy_greedy": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
-                                          f"loss: forward_kl, max_steps: 30, on_policy: {{lmbda: 0.5, prompt_tokens: 32, "
-                                          f"temperature: 0.0}}}}, {EVAL}]", TRAIN),
+                                          f"loss: forward_kl, max_steps: 30, on_policy: {ON_POLICY_GREEDY}}}, {EVAL}]",
+                                 TRAIN),
     # the control for the arms above: the same two 30-step stages (each re-warms the learning rate), both KD
     "kd_two_stages": (STUDENT, f"[{{kind: distill, loss: forward_kl, max_steps: 30}}, {{kind: distill, "
                                f"loss: forward_kl, max_steps: 30}}, {EVAL}]", TRAIN),
@@ -79,7 +81,7 @@ ARMS = {
     # greedy student continuations: a greedy draft is judged only on the teacher's greedy path, and a
     # student this close to its teacher mostly walks that path when it decodes greedily too
     "on_policy_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
-                                                f"{{lmbda: 0.5, prompt_tokens: 32, temperature: 0.0}}}}, {EVAL_24}]", TRAIN),
+                                                f"{ON_POLICY_GREEDY}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
@@ -108,7 +110,7 @@ def main() -> int:
         if by_seed:
             stats[a]["acceptance"] = mean_std([acceptance(r) for r in by_seed.values()])
             stats[a]["seconds"] = mean_std([r["seconds"] for r in by_seed.values() if r.get("seconds")] or [0.0])
-            # prompts served: the check's time budget (120 s) can stop it before all of them
+            # prompts served: the check's time budget can stop it before all of them
             stats[a]["prompts"] = mean_std([speculative(r)["n_prompts"] for r in by_seed.values()])
     earlier = {}
     if args.baseline:  # arms measured by an earlier sweep of this script (same recipe, seeds and budget)
@@ -130,13 +132,13 @@ def main() -> int:
             verdict[f"{a} vs {ce}, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats[ce]["ppl_ratio"], "lower")
     notes = (f"60 steps x 4 x 128 tokens per run. Mean ± sample std over seeds. acceptance: drafted tokens the "
              f"teacher kept at k = {K}, greedy, on up to {PROMPTS} held-out prompts ({PROMPTS_24} for the 24-layer "
-             f"arms) of 32 tokens, 48 new tokens each: as many as the check's 120 s allow (prompts served).")
+             f"arms) of 32 tokens, 48 new tokens each: as many as the check's {BUDGET_S:.0f} s allow (prompts served).")
     columns = {"acceptance (k=4)": "acceptance_pm", "prompts served": "prompts_pm", "s/run": "seconds_pm"}
     from benchmarks.common import pm
 
     for st in stats.values():
         st["acceptance_pm"], st["seconds_pm"] = pm(st["acceptance"], ".3f"), pm(st["seconds"], ".0f")
-        st["prompts_pm"] = pm(st.get("prompts"), ".0f")
+        st["prompts_pm"] = pm(st["prompts"], ".0f")
     teacher = {"arm": "teacher", "ppl_ratio": "1", "kl": "0", "top1_agreement": "1"}
     shown = {**{f"{a} (earlier sweep)": st for a, st in earlier.items()}, **stats}
     students = sorted({"24-layer (pruned by calibration KL)" if a.endswith("_24l") else "16-layer (drop_layers)"
