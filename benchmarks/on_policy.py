@@ -52,7 +52,9 @@ PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
 RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
           "kd_then_on_policy_cool": ("kd", "ce", "on_policy", "kd_two_stages"),
           "kd_then_on_policy_greedy": ("kd", "ce", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l"),
-          "on_policy_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
+          "on_policy_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "on_policy_jsd_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "on_policy_rkl_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -82,6 +84,12 @@ ARMS = {
     # student this close to its teacher mostly walks that path when it decodes greedily too
     "on_policy_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
                                                 f"{ON_POLICY_GREEDY}}}, {EVAL_24}]", TRAIN),
+    # GKD's finding (Agarwal et al. 2024): on student samples, mode-seeking divergences (generalized
+    # JSD, reverse KL) beat forward KL; the same on-policy data as on_policy_24l with those losses
+    "on_policy_jsd_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: jsd, beta: 0.5, on_policy: "
+                                             f"{ON_POLICY}}}, {EVAL_24}]", TRAIN),
+    "on_policy_rkl_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: reverse_kl, on_policy: "
+                                             f"{ON_POLICY}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
