@@ -227,24 +227,32 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     return results, plans, wall
 
 
-def score_tasks(out: Path, recipe: dict, tasks: list[str], env: dict) -> tuple[dict, dict]:
-    """({task: score} of the run's export, the teacher's) from launch/evaluate.py with no speculative
-    check, kept in <out>/eval_tasks/eval.json and reused while it holds the same tasks (also with
-    --aggregate: it trains nothing, but scores finished runs)."""
-    path = out / "eval_tasks/eval.json"
+def evaluate_export(out: Path, recipe: dict, folder: str, options: list[str], env: dict, current) -> dict:
+    """A finished run's export evaluated by launch/evaluate.py ``options`` against its teacher, kept in
+    <out>/<folder>/eval.json and reused while ``current(saved)`` holds (also with --aggregate: it
+    trains nothing, but measures finished runs). Exits with the tool's last lines when it fails."""
+    path = out / folder / "eval.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = None
-    if saved is None or sorted(saved.get("tasks") or []) != sorted(tasks):
+    if saved is None or not current(saved):
         cmd = [sys.executable, str(REPO / "launch/evaluate.py"), "--model", str(out / "final"), "--teacher",
-               recipe["teacher"]["source"], "--tasks", ",".join(tasks), "--no-spec", "--out", str(out / "eval_tasks")]
-        print(f"score {', '.join(tasks)} on {out}", flush=True)
+               recipe["teacher"]["source"], *options, "--out", str(out / folder)]
+        print(f"evaluate {out} ({folder})", flush=True)
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-            sys.exit(f"\n{tail}\n\nerror: scoring {out} failed (exit status {proc.returncode}): {shlex.join(cmd)}")
+            sys.exit(f"\n{tail}\n\nerror: evaluating {out} failed (exit status {proc.returncode}): {shlex.join(cmd)}")
         saved = json.loads(path.read_text())
+    return saved
+
+
+def score_tasks(out: Path, recipe: dict, tasks: list[str], env: dict) -> tuple[dict, dict]:
+    """({task: score} of the run's export, the teacher's) from launch/evaluate.py with no speculative
+    check, in <out>/eval_tasks/ while it holds the same tasks (``evaluate_export``)."""
+    saved = evaluate_export(out, recipe, "eval_tasks", ["--tasks", ",".join(tasks), "--no-spec"], env,
+                            lambda saved: sorted(saved.get("tasks") or []) == sorted(tasks))
     head = saved["headline"]
     return {t: head["student"][t] for t in tasks}, {t: head["teacher"][t] for t in tasks}
 

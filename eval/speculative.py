@@ -194,7 +194,8 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
     """Serve prompts one after another, target alone (greedy) vs speculative, and time both.
     Returns k, n_prompts (served), new_tokens, acceptance_rate, mean_accepted_per_pass,
     target_tokens_per_s, spec_tokens_per_s, speedup, exact_match (None when sampling),
-    first_divergence, dtype and stopped (why it stopped early, else None).
+    first_divergence, dtype, stopped (why it stopped early, else None) and per_prompt ([accepted,
+    proposed] for each prompt served, in order: two drafts compare prompt by prompt).
         stats = serve_prompts(teacher, student, [ids1, ids2], k=4, max_new_tokens=128)
 
     Early stops (each prompt runs whole; at least one always runs): past ``deadline``
@@ -267,6 +268,7 @@ def serve_prompts(target, draft, prompts: list[torch.Tensor], *, k: int, max_new
         "first_divergence": diverged_at if temperature == 0 else None,  # new-token index, over all prompts
         "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
         "stopped": stopped,
+        "per_prompt": [[r.accepted, r.proposed] for r in results],
     }
 
 

@@ -37,7 +37,8 @@ def build_config(args):
     spec = None
     if not args.no_spec:
         spec = {"ks": [int(k) for k in args.k.split(",")], "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature}
+                "temperature": args.temperature, "compare_hf": not args.no_hf_compare,
+                "time_budget_s": args.time_budget or None}
     gates = {}
     for g in args.gate:
         name, sep, value = g.partition("=")
@@ -73,6 +74,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.0)
+    from eval.stage import SpeculativeCheck
+
+    ap.add_argument("--time-budget", type=float, default=SpeculativeCheck().time_budget_s,
+                    help="seconds the speculative check may take before it stops serving prompts (0: none, "
+                         "every prompt is served)")
+    ap.add_argument("--no-hf-compare", action="store_true", help="skip timing transformers' assisted generation")
     ap.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding check")
     ap.add_argument("--kernels", action="store_true", help="run the student's quantized / 2:4 linears on our kernels "
                     "(kernels.modules; the PyTorch reference of the same math off CUDA): judged as served")

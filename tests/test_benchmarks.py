@@ -2,6 +2,7 @@
 check change that breaks a benchmark fails here, not an hour into a run."""
 
 import importlib
+import json
 
 import pytest
 
@@ -146,3 +147,34 @@ def test_a_finished_run_is_found_whichever_way_its_folder_is_named(tmp_path):
     (out / "summary.json").write_text(json.dumps({"recipe": recipe, "metrics": {"init": {}, "final": {"ppl": 13.0}}}))
     assert finished(out, {**recipe, "output_dir": str(out)})["final"] == {"ppl": 13.0}
     assert finished(out, {**recipe, "output_dir": str(out), "seed": 1}) is None
+
+
+def test_a_run_whose_check_the_time_budget_cut_short_is_checked_again_on_every_prompt(tmp_path, tiny_teacher,
+                                                                                       monkeypatch):
+    """The on-policy sweep judges every 24-layer arm on the same prompts: a run whose in-run check
+    stopped at its time budget is checked again on its export with none, once (then reused), and
+    its acceptance is read from that check. Greedy, so the first prompt's counts are the same."""
+    from benchmarks import on_policy
+    from benchmarks.common import BENCH_ENV, plan_run, run_recipe
+    from tests.tiny import run_env, write_recipe
+
+    monkeypatch.setattr(on_policy, "PROMPTS_24", 3)
+    check = "{ks: [4], prompts: 3, max_new_tokens: 48, compare_hf: false, time_budget_s: 1.0e-9}"
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "unused")
+    plans = {("x_24l", 0): plan_run("tiny", recipe_path, tmp_path / "runs/x_24l/seed0",
+                                    ["train.max_steps=1", "student={init: teacher}",  # a draft that is not hopeless
+                                     f"stages=[{{kind: distill}}, {{kind: eval, tasks: [], eval_blocks: 1, "
+                                     f"speculative: {check}}}]"])}
+    out, overrides, recipe = plans["x_24l", 0]
+    run_recipe("tiny", recipe_path, out, overrides, recipe, {**run_env(), **BENCH_ENV}, echo=False)
+    in_run = json.loads((out / "summary.json").read_text())["eval"]
+    results = {"x_24l": {0: {"eval": in_run}}}
+    assert in_run["speculative"][0]["n_prompts"] == 1  # the budget stopped it after the first prompt
+    on_policy.recheck(results, plans)
+    full = on_policy.speculative(results["x_24l"][0])
+    assert full["n_prompts"] == 3 and full["stopped"] is None
+    assert full["per_prompt"][0] == in_run["speculative"][0]["per_prompt"][0]
+    saved = out / "eval_spec_all/eval.json"
+    written = saved.stat().st_mtime_ns
+    on_policy.recheck({"x_24l": {0: {"eval": in_run}}}, plans)  # found, not run again
+    assert saved.stat().st_mtime_ns == written

