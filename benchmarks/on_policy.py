@@ -21,6 +21,7 @@ check's time budget stopped it early, the export is checked again with none (`re
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,13 +32,16 @@ from benchmarks.common import (BENCH_ENV, DEFAULT_RECIPE, arm_stats, arms_markdo
 from eval import stage as _eval_stage  # noqa: E402  (registers `kind: eval` for the recipe checks)
 
 K = 4
-BUDGET_S = _eval_stage.SpeculativeCheck().time_budget_s  # the eval strings below leave the check's default
+# the eval strings below leave the check's time budget at its default; launch/evaluate.py (the re-check)
+# leaves its prompt length at the default: both read here, so the two checks cut the same prompts
+BUDGET_S = _eval_stage.SpeculativeCheck().time_budget_s
+PROMPT_TOKENS = _eval_stage.SpeculativeCheck().prompt_tokens
 PROMPTS, PROMPTS_24 = 8, 32  # held-out prompts the acceptance is measured on ...
 NEW_TOKENS = 48  # ... and the tokens generated for each
 
 
 def _eval(prompts: int) -> str:
-    return (f"{{kind: eval, tasks: [], speculative: {{ks: [{K}], prompts: {prompts}, prompt_tokens: 32, "
+    return (f"{{kind: eval, tasks: [], speculative: {{ks: [{K}], prompts: {prompts}, prompt_tokens: {PROMPT_TOKENS}, "
             f"max_new_tokens: {NEW_TOKENS}, compare_hf: false}}}}")
 
 
@@ -113,15 +117,12 @@ def recheck(results: dict, plans: dict) -> None:
     """Every 24-layer run whose in-run check stopped at the time budget before all PROMPTS_24 prompts
     is checked again on its export with no budget (launch/evaluate.py, kept in <run>/eval_spec_all/),
     so all arms are judged on the same prompts; the result goes to ``result["recheck"]``."""
-    import os
-
     env = dict(os.environ, **BENCH_ENV)
     options = ["--tasks", "", "--eval-blocks", "1", "--k", str(K), "--prompts", str(PROMPTS_24), "--max-new-tokens",
-               str(NEW_TOKENS), "--time-budget", "0",
-               "--no-hf-compare"]
+               str(NEW_TOKENS), "--time-budget", "0", "--no-hf-compare"]
 
     def served_all(saved):
-        return next(r for r in saved["speculative"] if r["k"] == K)["n_prompts"] == PROMPTS_24
+        return speculative({"eval": saved})["n_prompts"] == PROMPTS_24
 
     for (a, s), (out, _, recipe) in plans.items():
         if a.endswith("_24l") and s in results[a] and not served_all(results[a][s]["eval"]):
@@ -166,10 +167,11 @@ def main() -> int:
         if a != ce and ce in stats:
             verdict[f"{a} vs {ce}, ppl ratio"] = compare(stats[a]["ppl_ratio"], stats[ce]["ppl_ratio"], "lower")
     notes = (f"60 steps x 4 x 128 tokens per run. Mean ± sample std over seeds. acceptance: drafted tokens the "
-             f"teacher kept at k = {K}, greedy, on up to {PROMPTS} held-out prompts of 32 tokens, 48 new tokens "
-             f"each: as many as the in-run check's {BUDGET_S:.0f} s allow (prompts served). The 24-layer arms: on "
-             f"all {PROMPTS_24} prompts, the same for every arm (a run whose check stopped at the budget is checked "
-             f"again on its export with none: launch/evaluate.py, <run>/eval_spec_all/).")
+             f"teacher kept at k = {K}, greedy, on up to {PROMPTS} held-out prompts of {PROMPT_TOKENS} tokens, "
+             f"{NEW_TOKENS} new tokens each: as many as the in-run check's {BUDGET_S:.0f} s allow (prompts "
+             f"served). The 24-layer arms: on all {PROMPTS_24} prompts, the same for every arm (a run whose check "
+             f"stopped at the budget is checked again on its export with none: launch/evaluate.py, "
+             f"<run>/eval_spec_all/).")
     columns = {"acceptance (k=4)": "acceptance_pm", "prompts served": "prompts_pm", "s/run": "seconds_pm"}
     from benchmarks.common import pm
 

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="export folder (HF format) of the compressed model")
     ap.add_argument("--teacher", default="smollm2-135m-instruct", help="HF folder, .gguf file or alias")
-    from eval.stage import DEFAULT_TASKS
+    from eval.stage import DEFAULT_TASKS, SpeculativeCheck
 
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval tasks ('' for none)")
     ap.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction < 1)")
@@ -74,8 +74,6 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.0)
-    from eval.stage import SpeculativeCheck
-
     ap.add_argument("--time-budget", type=float, default=SpeculativeCheck().time_budget_s,
                     help="seconds the speculative check may take before it stops serving prompts (0: none, "
                          "every prompt is served)")
