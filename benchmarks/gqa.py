@@ -48,6 +48,10 @@ ARMS = {
     # the same at KD lr 3e-4 (the recipe's): from the block-wise start, lr 1e-3 holds the KD loss up until it decays
     "pca_blockwise_kd_lr3e-4": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, "
                                          "{kind: distill}]", [*TRAIN, "train.lr=3.0e-4"]),
+    # the same on 4x the tokens (600 steps), evaluated every 150: how perplexity falls with uptraining tokens
+    "pca_blockwise_kd_lr3e-4_600": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, "
+                                             "{kind: distill}]",
+                                    [*TRAIN, "train.lr=3.0e-4", "train.max_steps=600", "train.eval_every=150"]),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}

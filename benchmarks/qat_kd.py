@@ -5,8 +5,9 @@ to nearest or from GPTQ), in every format (int8, int4 g64/g32, FP8, NVFP4, MXFP4
 
 Arms: ``rtn_<f>`` and ``qat_kd_<f>`` for every format f in FORMATS, ``gptq_<f>`` and
 ``qat_kd_gptq_<f>`` for the 4-bit ones, block-wise reconstruction (``*blockwise*``, after round to
-nearest or GPTQ, as PTQ and as QAT's start), ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` and a
-few W8A8 / KV-cache PTQ settings (``--help`` lists them).
+nearest or GPTQ, as PTQ and as QAT's start), ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` (scales
+trained, LSQ; ``..._lsq_blockwise_...``: block-wise too, EfficientQAT's recipe) and a few W8A8 /
+KV-cache PTQ settings (``--help`` lists them).
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher (`student.init: teacher`) and one quantization stage; training arms take 150 steps x
@@ -68,6 +69,9 @@ ARMS = {
     **{f"qat_kd_{f}": qat(w) for f, w in FORMATS.items()},
     **{f"qat_kd_gptq_{f}": qat(FORMATS[f], GPTQ) for f in FOUR_BIT},
     "qat_kd_gptq_lsq_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", GPTQ),
+    # EfficientQAT's whole recipe: GPTQ's start, block-wise training of weights and scales (Block-AP), then
+    # QAT-KD with the scales still trained
+    "qat_kd_gptq_lsq_blockwise_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", f"{GPTQ}, {BLOCKWISE}"),
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
