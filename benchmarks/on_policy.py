@@ -16,6 +16,7 @@ The `*_24l` arms start from a stronger student instead: the teacher with its 6 l
 layers removed by a `prune` stage (calibration KL), so the student's own samples are fluent text
 from the first step, as GKD's supervised students' are; `on_policy_greedy_24l` samples them greedily
 (a greedy draft is judged on the teacher's greedy path, which a close student's greedy path follows).
+`on_policy_l1_24l` is GKD's fully on-policy setting (lmbda 1: every batch is the student's own).
 Their acceptance is measured on 32 prompts instead of 8, all of them for every run: where the in-run
 check's time budget stopped it early, the export is checked again with none (`recheck`).
 """
@@ -60,7 +61,8 @@ RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce",
           "kd_then_on_policy_greedy": ("kd", "ce", "kd_two_stages"), "on_policy_24l": ("kd_24l", "ce_24l"),
           "on_policy_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
           "on_policy_jsd_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
-          "on_policy_rkl_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
+          "on_policy_rkl_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "on_policy_l1_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -96,6 +98,9 @@ ARMS = {
                                              f"{ON_POLICY}}}, {EVAL_24}]", TRAIN),
     "on_policy_rkl_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: reverse_kl, on_policy: "
                                              f"{ON_POLICY}}}, {EVAL_24}]", TRAIN),
+    # GKD's fully on-policy setting (lmbda 1): every batch is the student's own continuation of a prompt
+    "on_policy_l1_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
+                                            f"{{lmbda: 1.0, prompt_tokens: 32, temperature: 1.0}}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
