@@ -32,6 +32,8 @@ RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=1.0e-3"]  # the same tokens; the lr measured best here (docstring)
 TEACHER = "{init: teacher}"
 BLOCKWISE = blockwise("1.0e-3")  # as for 2:4: a merged layer's weights move far from where they start
+# the pca merge, block-wise reconstruction, then KD: the stages of the best arms, at several lrs and budgets
+PCA_BLOCKWISE_KD = f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, {{kind: distill}}]"
 ARMS = {
     "mean": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: mean}]"),
     "weighted": (TEACHER, "[{kind: gqa, num_key_value_heads: 1, merge: weighted}]"),
@@ -43,14 +45,11 @@ ARMS = {
     # the pca merge, then each merged layer trained towards the teacher's output at its depth (compress.blockwise;
     # 16k calibration tokens, 2 epochs, lr 1e-3 as for 2:4), alone and before the same KD
     "pca_blockwise": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}]"),
-    "pca_blockwise_kd": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, {{kind: distill}}]",
-                         TRAIN),
+    "pca_blockwise_kd": (TEACHER, PCA_BLOCKWISE_KD, TRAIN),
     # the same at KD lr 3e-4 (the recipe's): from the block-wise start, lr 1e-3 holds the KD loss up until it decays
-    "pca_blockwise_kd_lr3e-4": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, "
-                                         "{kind: distill}]", [*TRAIN, "train.lr=3.0e-4"]),
+    "pca_blockwise_kd_lr3e-4": (TEACHER, PCA_BLOCKWISE_KD, [*TRAIN, "train.lr=3.0e-4"]),
     # the same on 4x the tokens (600 steps), evaluated every 150: how perplexity falls with uptraining tokens
-    "pca_blockwise_kd_lr3e-4_600": (TEACHER, f"[{{kind: gqa, num_key_value_heads: 1, merge: pca, {BLOCKWISE}}}, "
-                                             "{kind: distill}]",
+    "pca_blockwise_kd_lr3e-4_600": (TEACHER, PCA_BLOCKWISE_KD,
                                     [*TRAIN, "train.lr=3.0e-4", "train.max_steps=600", "train.eval_every=150"]),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),

@@ -54,6 +54,7 @@ STUDENT = "{init: drop_layers, keep_every: 2}"
 TRAIN = ["train.max_steps=60", "train.micro_batch_size=4"]
 ON_POLICY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 1.0}"
 ON_POLICY_GREEDY = "{lmbda: 0.5, prompt_tokens: 32, temperature: 0.0}"
+ON_POLICY_FULL = "{lmbda: 1.0, prompt_tokens: 32, temperature: 1.0}"  # GKD's fully on-policy setting
 PRUNE_24 = "{kind: prune, num_hidden_layers: 24}"
 # each on-policy arm against the arms that start from the same student
 RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce", "on_policy", "kd_two_stages"),
@@ -100,7 +101,7 @@ ARMS = {
                                              f"{ON_POLICY}}}, {EVAL_24}]", TRAIN),
     # GKD's fully on-policy setting (lmbda 1): every batch is the student's own continuation of a prompt
     "on_policy_l1_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
-                                            f"{{lmbda: 1.0, prompt_tokens: 32, temperature: 1.0}}}}, {EVAL_24}]", TRAIN),
+                                            f"{ON_POLICY_FULL}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }
