@@ -353,7 +353,7 @@ def arms_markdown(title: str, script: str, args, stats: dict, metrics: dict, ver
     lines = [f"{title}; seeds {args.seeds}.",
              f"Command: .venv/bin/python benchmarks/{script} --arms {args.arms} --seeds {args.seeds} --jobs {args.jobs}"
              + "".join(f" --set {x}" for x in args.set) + (f" --tasks {args.tasks}" if args.tasks else "")
-             + f" --tag {args.tag}",
+             + (f" --pages {args.pages}" if getattr(args, "pages", "") else "") + f" --tag {args.tag}",
              f"Wall time: {wall / 60:.1f} min{_reused_note(results)}. Device: {', '.join(devices)}.",
              "", notes, ""]
     tasks = sorted({t for st in stats.values() for t in st.get("tasks", {})})
