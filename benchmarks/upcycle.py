@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, RESULTS, arm_stats, arms_markdown, compare,  # noqa: E402
-                               run_sweep, sweep_arguments, sweep_payload, write_results)
+from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, arm_stats, arms_markdown, compare,  # noqa: E402
+                               read_page, run_sweep, sweep_arguments, sweep_payload, write_results)
 from compress.report import pyplot, save_figure  # noqa: E402
 
 RECIPE = DEFAULT_RECIPE
@@ -70,9 +70,7 @@ def main() -> int:
 
 def paged_curve(result: dict, arm: str, seed: int) -> dict[str, list]:
     """A seed's curves as the results page it came from (--pages) holds them."""
-    import json
-
-    return json.loads((RESULTS / f"{result['page']}.json").read_text())["curves"][arm][str(seed)]
+    return read_page(result["page"])["curves"][arm][str(seed)]
 
 
 def curve(metrics: Path, table: list[dict]) -> dict[str, list]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks.common import arm_overrides
 from compress.models import check_fit
 from compress.recipe import load_recipe
 
@@ -17,9 +18,8 @@ def test_every_benchmark_arm_is_a_valid_recipe(name):
     bench = importlib.import_module(f"benchmarks.{name}")
     recipe_path = getattr(bench, "RECIPE", None) or bench.DEFAULT_RECIPE
     assert bench.ARMS
-    for arm, (student, stages, *more) in bench.ARMS.items():
-        recipe = load_recipe(recipe_path, [f"student={student}", f"stages={stages}", *(more[0] if more else []),
-                                           "seed=1", "wandb.mode=disabled"])
+    for arm, definition in bench.ARMS.items():  # the overrides run_sweep gives it
+        recipe = load_recipe(recipe_path, arm_overrides(definition, 1, ["wandb.mode=disabled"]))
         check_fit(recipe)  # the stage checks against the model configs, no weights loaded
         assert recipe.stages, arm
 
@@ -197,9 +197,8 @@ def test_a_seed_whose_run_is_gone_is_taken_from_its_results_page_only_if_it_is_t
     runs = tmp_path / "runs"
 
     def resolved(arm, seed):  # the recipe run_sweep plans for (arm, seed)
-        student, stages, more = arms[arm]
         return common.plan_run("x", common.DEFAULT_RECIPE, Path(runs) / arm / f"seed{seed}",
-                               [f"student={student}", f"stages={stages}", *more, f"seed={seed}"])[2]
+                               common.arm_overrides(arms[arm], seed, []))[2]
 
     def result(ppl, recipe=None):
         return {"final": {"student_ppl": ppl}, "seconds": 60.0, "bytes_on_disk": 1, "table": [{}], "device": "cpu",
