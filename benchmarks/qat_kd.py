@@ -30,6 +30,7 @@ from benchmarks.common import (DEFAULT_RECIPE, EQUAL_TOKENS, against_goal, arm_s
 RECIPE = DEFAULT_RECIPE
 W4 = "weights: {bits: 4, group_size: 64}"
 TRAIN = EQUAL_TOKENS
+TRAIN_600 = [*TRAIN, "train.max_steps=600", "train.eval_every=150"]  # 4x the tokens, evaluated every 150 steps
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
 BLOCKWISE = blockwise()  # each layer trained towards the teacher's output, same 16k tokens
 BLOCKWISE_LR = {"lr3e-4": blockwise("3.0e-4"), "lr1e-3": blockwise("1.0e-3")}  # arm tag -> option (default lr 1e-4)
@@ -77,8 +78,10 @@ ARMS = {
     "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
     **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
        for tag, b in BLOCKWISE_LR.items()},
-    # the same as qat_kd_gptq_int4_g64 on 4x the tokens (600 steps): what the recovery goal costs
-    "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], [*TRAIN, "train.max_steps=600"]),
+    # the same as qat_kd_gptq_int4_g64 and qat_kd_gptq_blockwise_int4_g64 on 4x the tokens (600 steps,
+    # evaluated every 150): what the recovery goal costs
+    "qat_kd_gptq_int4_g64_600": (*qat(FORMATS["int4_g64"], GPTQ)[:2], TRAIN_600),
+    "qat_kd_gptq_blockwise_int4_g64_600": (*qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}")[:2], TRAIN_600),
 }
 METRICS = {"ppl_ratio": ("ppl_ratio", "lower"), "kl": ("kl", "lower"), "top1_agreement": ("top1_agreement", "higher"),
            "ppl": ("student_ppl", "lower")}

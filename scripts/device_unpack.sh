@@ -18,6 +18,12 @@ if [ ! -f "$GGUF" ] && [ -f /tmp/keep/gguf.part00 ] && [ -f /tmp/keep/gguf.part0
   cat /tmp/keep/gguf.part00 /tmp/keep/gguf.part01 > "$GGUF"
 fi
 [ -f .gpu/docs.tar.xz ] && tar -C .cache/python3.11-doc -xJf .gpu/docs.tar.xz
-compgen -G ".gpu/data/*.pt" > /dev/null && cp .gpu/data/*.pt .cache/data/
+for z in .gpu/data/*.npz.xz; do  # the blocks cache, carried as uint16: back to the int32 .pt the code reads
+  [ -f "$z" ] || continue
+  xz -dc "$z" > /tmp/keep/blocks.npz
+  python3 -c "import sys, numpy as np, torch
+torch.save({k: torch.from_numpy(v.astype(np.int32)) for k, v in np.load(sys.argv[1]).items()}, sys.argv[2])" \
+    /tmp/keep/blocks.npz ".cache/data/$(basename "$z" .npz.xz).pt"
+done
 ls /tmp/keep /tmp/keep/site | tr '\n' ' '; echo
 PYTHONPATH=/tmp/keep/site python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"

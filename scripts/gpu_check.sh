@@ -33,6 +33,8 @@ bench_sweep() {
   rc=$?
   [ $rc = 0 ] || python3 "benchmarks/$bench.py" "$@" --runs "/tmp/bench_$bench" --tag "$tag" --aggregate >> "$log" 2>&1
   cp "benchmarks/results/$tag".* "$OUT/" 2>/dev/null
+  # every run's metrics and log, finished or cut short (a cut run's evals so far are its only record)
+  (cd "/tmp/bench_$bench" && find . -name metrics.jsonl -o -name '*.log' | tar -czf "$OUT/${tag}_runs.tgz" -T -) 2>/dev/null
   return $rc
 }
 for step in $steps; do
@@ -51,7 +53,7 @@ for step in $steps; do
     decode) timeout ${DECODE_TIMEOUT:-400} python3 benchmarks/decode.py ${DECODE_ARGS:---in-memory int4,s24int4 --synthetic 8} \
               --tag decode_cuda > "$OUT/decode.log" 2>&1
             rc=$?; cp benchmarks/results/decode_cuda.* "$OUT/" 2>/dev/null ;;
-    qat) arms=${QAT_ARMS:-rtn_int4_g64,gptq_blockwise_int4_g64,qat_kd_gptq_int4_g64,qat_kd_gptq_blockwise_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4,qat_kd_gptq_int4_g64_600}
+    qat) arms=${QAT_ARMS:-rtn_int4_g64,gptq_blockwise_int4_g64,qat_kd_gptq_int4_g64,qat_kd_gptq_blockwise_int4_g64,rtn_fp8,rtn_nvfp4,rtn_mxfp4,qat_kd_fp8,qat_kd_nvfp4,qat_kd_mxfp4,qat_kd_gptq_nvfp4,qat_kd_gptq_mxfp4,qat_kd_gptq_int4_g64_600,qat_kd_gptq_blockwise_int4_g64_600}
          bench_sweep qat_kd "${QAT_TIMEOUT:-540}" qat_formats_cuda "$OUT/qat.log" --arms "$arms" --seeds 0,1,2
          rc=$? ;;
     sweep) # any method sweep, e.g. SWEEP=upcycle SWEEP_ARGS="--arms dense,moe_copy --seeds 0,1,2" (needs the payload)
