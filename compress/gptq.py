@@ -65,7 +65,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
     W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     params = {k: torch.empty_like(v) for k, v in static.items()}
     Q, latent = torch.zeros_like(W), torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]

@@ -69,7 +69,7 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, pattern: tuple[int, int] | None,
     m = pattern[1] if pattern else 1
     B = m * max(1, block_size // m)
     mask = torch.ones_like(W)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]

@@ -217,6 +217,22 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
             assert err < 0.8 * rtn, (name, act_order, float(err), float(rtn))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: GPTQ on a model that lives there")
+def test_gptq_of_a_cuda_weight_equals_the_cpu_one():
+    from compress.formats import weight_format
+    from compress.gptq import gptq
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128) * torch.linspace(0.2, 3, 128)
+    w, H = torch.randn(64, 128) * 0.05, 2 * x.t() @ x / len(x)
+    fmt = weight_format("int", 4, 64)
+    cpu, gpu = gptq(w, H, fmt), gptq(w.cuda(), H.cuda(), fmt)
+    assert gpu.quantized.is_cuda
+    # the same rounding decisions, but for values the devices' float error puts on the other side of a bin edge
+    assert ((gpu.quantized.cpu() - cpu.quantized).abs() < 1e-5).float().mean() > 0.99
+    assert abs(gpu.loss - cpu.loss) <= 0.01 * cpu.loss
+
+
 def test_gptq_model_freezes_params_that_survive_the_stage_and_the_export(tmp_path):
     from compress.gptq import gptq_model
 

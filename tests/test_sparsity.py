@@ -69,6 +69,17 @@ def test_sparsegpt_beats_magnitude_and_wanda_on_a_layers_output_error(pattern):
     assert err(pruned) < 0.9 * wanda and wanda < 0.5 * magnitude, (err(pruned), wanda, magnitude)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: SparseGPT on a model that lives there")
+def test_sparsegpt_of_a_cuda_weight_equals_the_cpu_one():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 128) * torch.exp(torch.randn(128))
+    w, H = torch.randn(64, 128) * 0.05, 2 * x.t() @ x / len(x)
+    cpu, gpu = sparsegpt(w, H, (2, 4), 0.5), sparsegpt(w.cuda(), H.cuda(), (2, 4), 0.5)
+    assert gpu[0].is_cuda and groups_ok(gpu[0].cpu(), 2, 4)
+    # the same choices, but for near-ties the devices' float error may flip; the same loss
+    assert (gpu[1].cpu() == cpu[1]).float().mean() > 0.99 and abs(gpu[2] - cpu[2]) <= 0.01 * cpu[2]
+
+
 def tiny():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
