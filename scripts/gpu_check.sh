@@ -9,7 +9,9 @@
 #                                            (default: the first three)
 # qat (needs the whole payload: teacher, data, deepspeed): the QAT benchmark's arms in $QAT_ARMS
 # (default: QAT from GPTQ with and without block-wise reconstruction, every float format, with their
-# RTN baselines) over 3 seeds, 6 at once. sweep: benchmarks/$SWEEP.py $SWEEP_ARGS, 6 runs at once
+# RTN baselines) over 3 seeds, 6 at once. sweep: benchmarks/$SWEEP.py $SWEEP_ARGS, 6 runs at once.
+# Several at once on one GPU: one invocation each, in the background, with its own OUT=$OUT/<name>
+# (and SWEEP_TAG), e.g. the qat step beside SWEEP=gqa and SWEEP=on_policy, then `wait`.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -64,3 +66,7 @@ for step in $steps; do
   esac
   echo "$step: rc=$rc $(( $(date +%s) - start )) s"; tail -4 "$OUT/$step.log" 2>/dev/null
 done
+# The device tool brings back only a few files a call (the rest are left out by count): everything
+# this script wrote goes into one archive, $OUT/results.tgz (tar -xzf it here)
+(cd "$OUT" && find . -type f ! -name results.tgz -print0 | tar -czf results.tgz --null -T - --remove-files) \
+  && echo "packed into $OUT/results.tgz"
