@@ -2,7 +2,7 @@
 # The device checks in one script (a lent GPU machine: torch + triton installed, nothing fetched):
 # kernels against their references (fixed tiles, fp16 and bf16), the kernel benchmark (autotuned,
 # each kernel re-checked on its shape), the chunked-loss benchmark on CUDA; with the teacher
-# carried (scripts/device_payload.sh), the CUDA-graph decoding test and the end-to-end decode
+# carried (scripts/device_payload.sh), the CUDA-only tests (graphs) and the end-to-end decode
 # benchmark. Logs and results go to $OUT (or ./gpu_out). Each step has its own time limit, so one
 # that hangs leaves the others.
 #     bash scripts/gpu_check.sh [steps...]   steps: selftest kernels chunked graphs decode qat sweep
@@ -50,7 +50,9 @@ for step in $steps; do
              timeout 150 python3 benchmarks/chunked_loss.py --device cuda --tokens ${CHUNK_TOKENS:-4096,16384} \
                --chunk 2048 $liger --tag chunked_loss_cuda > "$OUT/chunked.log" 2>&1
              rc=$?; cp benchmarks/results/chunked_loss_cuda.* "$OUT/" 2>/dev/null ;;
-    graphs) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py -k "cuda or static" > "$OUT/graphs.log" 2>&1
+    graphs) # the CUDA-only tests that need the payload: CUDA-graph decoding and sampling, GPTQ/SparseGPT on CUDA
+            timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_speculative.py tests/test_on_policy.py \
+              tests/test_qat.py tests/test_sparsity.py -k "cuda or static" > "$OUT/graphs.log" 2>&1
             rc=$? ;;
     decode) timeout ${DECODE_TIMEOUT:-400} python3 benchmarks/decode.py ${DECODE_ARGS:---in-memory int4,s24int4 --synthetic 8} \
               --tag decode_cuda > "$OUT/decode.log" 2>&1

@@ -52,6 +52,43 @@ def test_sampling_never_draws_padding_ids_and_is_seeded():
     assert model.training  # put back as it was
 
 
+def test_sampling_on_a_static_cache_gives_the_dynamic_caches_tokens():
+    """graphs=True: the static-cache decoder (CUDA graphs on CUDA; here its eager path, the same
+    positions and mask) samples what the DynamicCache loop samples, and is reused across calls."""
+    from compress.sampling import _samplers
+
+    model = _llama(0).eval()
+    prompts = torch.randint(0, V, (3, 5))
+    for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.8, 0.9)):
+        draws = [sample_continuations(model, prompts, 9, temperature=temperature, top_p=top_p, graphs=graphs,
+                                      generator=torch.Generator().manual_seed(4)) for graphs in (False, True)]
+        assert torch.equal(draws[1], draws[0]), (temperature, top_p)
+    first = _samplers[model][3]
+    sample_continuations(model, prompts[:, :2], 20, temperature=0.0, graphs=True)  # shorter prompt, same length cap
+    assert _samplers[model][3] is first and first.max_len == 64
+    sample_continuations(model, prompts[:2], 3, temperature=0.0, graphs=True)  # another batch size: its own cache
+    assert set(_samplers[model]) == {2, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the sampler's CUDA graphs")
+def test_cuda_graph_sampling_follows_the_weights_and_equals_eager():
+    from compress.sampling import _samplers
+
+    model = _llama(0).cuda()
+    prompts = torch.randint(0, V, (4, 5), device="cuda")
+    eager = sample_continuations(model, prompts, 12, temperature=0.0, graphs=False)
+    assert torch.equal(sample_continuations(model, prompts, 12, temperature=0.0), eager)  # auto: graphs on CUDA
+    dec = _samplers[model][4]
+    assert dec.graph_error is None and 1 in dec.graphs  # decode steps replayed a graph
+    with torch.no_grad():
+        for p in model.parameters():  # an optimizer step in place, then a wrapper that moves the weights
+            p.add_(0.05 * torch.randn_like(p))
+        model.lm_head.weight.data = model.lm_head.weight.data.clone() * 1.5
+    moved = sample_continuations(model, prompts, 12, temperature=0.0, graphs=False)
+    assert not torch.equal(moved, eager)
+    assert torch.equal(sample_continuations(model, prompts, 12, temperature=0.0), moved)
+
+
 def test_draw_depends_only_on_seed_step_micro_and_matches_lambda():
     assert draw(3, 10, 1) == draw(3, 10, 1) != draw(3, 10, 0)
     u = torch.tensor([draw(0, s, m) for s in range(2000) for m in range(2)])
