@@ -18,7 +18,8 @@ position from the device: positions and the causal mask come from the cache's ow
 additive mask over the whole static cache, which also keeps transformers' mask helpers (they
 compare the cache offset on the host) out of the capture. A graph reads the weights where they were
 when it was captured: if any parameter or buffer has moved since (an optimizer or a wrapper that
-reallocates them), the graphs are dropped and captured again, never replayed on stale memory.
+reallocates them), the graphs are dropped when the next sequence starts and captured again, never
+replayed on stale memory.
 On CUDA, ``sample_continuations`` decodes on such a decoder (kept per model and batch size, reused
 across calls while the length fits) unless the model's parameters are ZeRO-3 partitioned (their
 forwards gather layers, which a graph cannot replay); elsewhere on a DynamicCache.
@@ -31,6 +32,7 @@ import inspect
 import itertools
 import logging
 import weakref
+from collections.abc import MutableMapping
 
 import torch
 from torch import nn
@@ -113,12 +115,16 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
 
 
 def _sampler_decoder(model: nn.Module, batch: int, max_len: int) -> GraphDecoder:
-    """This model's static-cache decoder for ``batch`` rows, emptied; a new one (its length rounded
-    up to a multiple of 64) when max_len outgrows it."""
-    decoders = _samplers.setdefault(model, {})
-    dec = decoders.get(batch)
+    """This model's static-cache decoder for ``batch`` rows (lengths rounded up to a multiple of 64)."""
+    return kept_decoder(_samplers.setdefault(model, {}), batch, model, max_len, 64)
+
+
+def kept_decoder(kept: MutableMapping, key, model: nn.Module, max_len: int, multiple: int) -> GraphDecoder:
+    """The GraphDecoder ``kept[key]`` emptied for a new sequence, reused with its graphs while max_len
+    fits; a new one (its length rounded up to a multiple of ``multiple``) when max_len outgrows it."""
+    dec = kept.get(key)
     if dec is None or dec.max_len < max_len:
-        dec = decoders[batch] = GraphDecoder(model, -(-max_len // 64) * 64)
+        dec = kept[key] = GraphDecoder(model, -(-max_len // multiple) * multiple)
     dec.crop(0)
     return dec
 
@@ -160,9 +166,9 @@ class GraphDecoder:
                                 "(pass a larger max_len)")
         self.batch = b
         ids = ids.to(self.device)
+        if self.length == 0 and self.graphs and _storage(self.model) != self.captured_from:
+            self.graphs.clear()  # a new sequence, and the weights moved: those graphs would read freed or stale memory
         graphed = self.device.type == "cuda" and n <= GRAPH_MAX and self.length > 0 and self.graph_error is None
-        if graphed and self.graphs and _storage(self.model) != self.captured_from:
-            self.graphs.clear()  # the weights moved: those graphs would read freed or stale memory
         if graphed and n not in self.graphs:  # (the first call sizes the cache, eagerly)
             try:
                 self._capture(n)
@@ -181,7 +187,7 @@ class GraphDecoder:
 
     def crop(self, n: int) -> None:
         if n < self.length:
-            with torch.inference_mode():  # the cache's tensors were made under it
+            with torch.inference_mode():  # the eval loops make the cache's tensors under it
                 self.cache.crop(-(self.length - n))
             self.length = n
 

@@ -25,7 +25,8 @@ import torch
 from transformers import DynamicCache
 
 from compress.errors import CompressError
-from compress.sampling import GRAPH_MAX, GraphDecoder, check_cache_argument, serves_graphs  # noqa: F401  (re-exported)
+from compress.sampling import (GRAPH_MAX, GraphDecoder, check_cache_argument, kept_decoder,  # noqa: F401  (re-exported)
+                               serves_graphs)
 
 _graph_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -74,8 +75,4 @@ def decoder(model, max_len: int, graphs: bool, private: bool = False):
         return EagerDecoder(model)
     if private:
         return GraphDecoder(model, max_len)
-    dec = _graph_decoders.get(model)
-    if dec is None or dec.max_len < max_len:
-        dec = _graph_decoders[model] = GraphDecoder(model, -(-max_len // 256) * 256)
-    dec.crop(0)
-    return dec
+    return kept_decoder(_graph_decoders, model, model, max_len, 256)
