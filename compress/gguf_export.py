@@ -2,9 +2,11 @@
 
     write_gguf(model, "out/model-q4_0.gguf", "q4_0", tokenizer_gguf=<the teacher's .gguf>)
 
-The block rounding is ``compress.quant.gguf_quantize`` (bit-exact with the ``gguf`` package, which
-writes the blocks here), so a model trained with that fake-quant loads back with the weights it
-trained with. The tokenizer and general metadata are copied from a GGUF file of the same tokenizer
+A quantized model passes its own values and block scales (``blocks``: what its fake-quant forward
+computes, from GPTQ's fixed scales or any other), and the file holds exactly those; any other
+projection is block-rounded here by ``compress.quant.gguf_quantize`` (bit-exact with ggml and the
+``gguf`` package). Either way the blocks are packed by ``compress.quant.pack_gguf``, so a model
+trained with that fake-quant loads back with the weights it trained with. The tokenizer and general metadata are copied from a GGUF file of the same tokenizer
 (the teacher's); the architecture fields come from the model's config. Tensor names and the q/k
 row permutation follow llama.cpp's converter (transformers' GGUF loader undoes the permutation).
 """
@@ -22,7 +24,7 @@ from torch import nn
 from compress.checkpoint import publish_file
 from compress.errors import CompressError
 from compress.models import head_dim
-from compress.quant import GGUF_BLOCK
+from compress.quant import GGUF_BLOCK, gguf_quantize, pack_gguf
 
 BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -60,8 +62,11 @@ def _copied_fields(reader) -> list[tuple[str, object, object, object]]:
     return out
 
 
-def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_gguf: str | os.PathLike) -> Path:
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, quants
+def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_gguf: str | os.PathLike,
+               blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """``blocks``: a projection's weight name -> (values (out, in), block scales d (out, in / 32)) to write
+    for it; projections not in it are block-rounded from their float weights."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
 
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral"):
@@ -70,6 +75,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_g
     if qtype is None:
         raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
     hd = head_dim(cfg)
+    blocks = blocks or {}
 
     def write(tmp: Path) -> None:
         writer = GGUFWriter(str(tmp), arch="llama")
@@ -91,17 +97,17 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_g
             state.pop("lm_head.weight", None)  # llama.cpp reads token_embd for a missing output
         for name, t in state.items():
             gname = gguf_name(name)
-            w = t.detach().to(torch.float32).cpu().numpy()
-            if gname.endswith("attn_q.weight"):
+            if gname.split(".")[-2] in QUANTIZED and gname.endswith(".weight"):
+                if t.shape[1] % GGUF_BLOCK:
+                    raise CompressError(f"GGUF {kind} packs blocks of {GGUF_BLOCK} inputs; {name} has {t.shape[1]}")
+                w, raw = pack_gguf(*(blocks.get(name) or gguf_quantize(t, kind)), kind), qtype
+            else:
+                w, raw = t.detach().to(torch.float32).cpu().numpy(), None
+            if gname.endswith("attn_q.weight"):  # rows are quantized independently: permuting the packed rows is the same
                 w = permute_rows(w, cfg.num_attention_heads)
             elif gname.endswith("attn_k.weight"):
                 w = permute_rows(w, cfg.num_key_value_heads)
-            if gname.split(".")[-2] in QUANTIZED and gname.endswith(".weight"):
-                if w.shape[1] % GGUF_BLOCK:
-                    raise CompressError(f"GGUF {kind} packs blocks of {GGUF_BLOCK} inputs; {name} has {w.shape[1]}")
-                writer.add_tensor(gname, quants.quantize(w, qtype), raw_dtype=qtype)
-            else:
-                writer.add_tensor(gname, w)
+            writer.add_tensor(gname, w, raw_dtype=raw)
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()

@@ -176,6 +176,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 #   Q8_0: d = max|x| / 127;                    q = roundf(x * (1/d))           (half away from zero)
 #   Q4_0: d = x[argmax|x|] / -8 (signed);      q = min(trunc(x * (1/d) + 8.5), 15) - 8
 # and the stored d is fp16: x_hat = q * fp16(d). An all-zero block has d = 0 and x_hat = 0.
+# In the file a block is d's two bytes (little end first), then the values: Q8_0 32 int8 bytes, Q4_0
+# 16 bytes of q + 8, value j in the low nibble of byte j and value j + 16 in its high nibble.
 GGUF_BLOCK = 32
 
 
@@ -201,9 +203,9 @@ def gguf_scale(x: torch.Tensor, kind: str) -> torch.Tensor:
 def gguf_round(x: torch.Tensor, d: torch.Tensor, kind: str) -> torch.Tensor:
     """ggml's integer values (as float) of x with the float32 block scale d (broadcast to x)."""
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    if kind == "q8_0":
+    if kind == "q8_0":  # the clamp changes nothing for ggml's own d; it keeps a fixed d's values int8 (GPTQ's)
         a = (x * inv).abs()
-        return torch.sign(x * inv) * (a.floor() + (2 * (a - a.floor())).floor())
+        return (torch.sign(x * inv) * (a.floor() + (2 * (a - a.floor())).floor())).clamp(-127, 127)
     return torch.trunc(x * inv + 8.5).clamp(0, 15) - 8
 
 
@@ -211,6 +213,25 @@ def gguf_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch
     out, cols = q.shape
     x = q.float().reshape(out, cols // GGUF_BLOCK, GGUF_BLOCK) * d.float()[..., None]
     return x.reshape(out, cols).to(dtype)
+
+
+def pack_gguf(q: torch.Tensor, d: torch.Tensor, kind: str) -> "np.ndarray":
+    """The bytes ggml stores for values q (rows, cols) with block scales d (rows, cols / 32): a uint8
+    array (rows, blocks * block bytes), whatever chose d (ggml's own rule, GPTQ, a trained scale)."""
+    import numpy as np
+
+    if kind not in ("q8_0", "q4_0"):
+        raise CompressError(f"GGUF type {kind!r} is not supported; use q8_0 or q4_0")
+    rows, cols = q.shape
+    qs = q.to(torch.int8).reshape(rows, cols // GGUF_BLOCK, GGUF_BLOCK)
+    lo, hi = (-8, 7) if kind == "q4_0" else (-127, 127)
+    if q.min() < lo or q.max() > hi:
+        raise CompressError(f"{kind.upper()} values are in [{lo}, {hi}]; these are not {kind.upper()} codes")
+    if kind == "q4_0":
+        u = (qs + 8).to(torch.uint8)
+        qs = u[..., :GGUF_BLOCK // 2] | (u[..., GGUF_BLOCK // 2:] << 4)
+    scale = d.detach().to(torch.float16).cpu().numpy().reshape(rows, -1, 1).view(np.uint8)
+    return np.concatenate([scale, qs.cpu().numpy().view(np.uint8)], axis=-1).reshape(rows, -1)
 
 
 def gguf_fake_quant(w: torch.Tensor, kind: str) -> torch.Tensor:

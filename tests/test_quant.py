@@ -122,14 +122,48 @@ def test_gguf_blocks_round_exactly_as_the_gguf_package(kind, shape):
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    from compress.quant import gguf_dequantize, gguf_fake_quant, gguf_quantize
+    from compress.quant import gguf_dequantize, gguf_fake_quant, gguf_quantize, pack_gguf
 
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.02
     w[0, :32] = 0.0  # an all-zero block
     w[1, 40] = -w[1, 32:64].abs().max() * 1.5  # a negative maximum (Q4_0's signed d)
     w[2, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, 0.25, -0.75, 127.0]) / 127  # halves: roundf ties
     qtype = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
-    theirs = quants.dequantize(quants.quantize(w.numpy(), qtype), qtype)
+    their_bytes = quants.quantize(w.numpy(), qtype)
+    theirs = quants.dequantize(their_bytes, qtype)
     ours = gguf_dequantize(*gguf_quantize(w, kind))
     assert np.array_equal(ours.numpy(), theirs.reshape(shape))
     assert torch.equal(gguf_fake_quant(w, kind), ours)
+    # our packing of our blocks is the package's file bytes (the GGUF export writes these)
+    packed = pack_gguf(*gguf_quantize(w, kind), kind)
+    assert packed.dtype == np.uint8 and np.array_equal(packed, their_bytes)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_gguf_bytes_of_gptq_blocks_dequantize_to_gptq_weights(kind):
+    """GPTQ fixes each block's d when the block comes up and then moves the block's later values,
+    so re-rounding its result by ggml's rule gives other blocks: the export packs GPTQ's own values
+    and d, and the gguf package reads back GPTQ's weight exactly. Values a fixed d would put
+    beyond Q8_0's +-127 are clamped (the fake-quant forward does the same)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from compress.formats import weight_format
+    from compress.gptq import gptq
+    from compress.quant import gguf_quantize, pack_gguf
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 128, generator=g), torch.randn(256, 128, generator=g) * torch.rand(128, generator=g) * 3
+    fmt = weight_format(f"gguf_{kind}")
+    r = gptq(w, 2 * x.T @ x, fmt)
+    q, p, _ = fmt.values(r.latent, r.params)
+    qtype = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
+    back = torch.from_numpy(quants.dequantize(pack_gguf(q, p["d"], kind), qtype)).reshape(w.shape)
+    assert torch.equal(back, r.quantized)
+    assert not torch.equal(back, fmt.qdq(r.quantized))  # what re-rounding the materialized weight writes
+    # a fixed d at half of ggml's puts values beyond the format's range: they clamp to its ends
+    q0, d0 = gguf_quantize(w, kind)
+    lo, hi = (-127, 127) if kind == "q8_0" else (-8, 7)
+    clamped = fmt.values(w, {"d": d0.float() / 2})[0]
+    assert clamped.min() == lo and clamped.max() == hi
+    with pytest.raises(CompressError, match="values are in"):  # codes the format cannot hold are refused
+        pack_gguf(q0.float() * 2, d0, kind)

@@ -358,7 +358,19 @@ class QuantizesWeights:
         if cfg.export == "gguf":
             kind = cfg.format[5:]
             write_gguf(materialize(copy.deepcopy(model)).float(), Path(final_dir) / f"model-{kind}.gguf", kind,
-                       gguf_source(cfg, self.ctx.recipe))
+                       gguf_source(cfg, self.ctx.recipe), gguf_blocks(model))
+
+
+def gguf_blocks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each GGUF-format ``QuantLinear``'s stored values and block scales, by weight name: what its
+    forward computes, whether its scales follow the weight or are held fixed (GPTQ's), which
+    re-rounding the materialized weight would not give back."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.opts["fmt"].startswith("gguf"):
+            q, p, _ = m.wformat.values(m.masked_weight(), m.qparams())
+            out[f"{name}.weight"] = q.detach().cpu(), p["d"].detach().cpu()
+    return out
 
 
 @register(QatStage)
