@@ -63,7 +63,9 @@ RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce",
           "on_policy_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
           "on_policy_jsd_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
           "on_policy_rkl_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
-          "on_policy_l1_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
+          "on_policy_l1_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "seq_kd_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "seq_kd_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -102,6 +104,14 @@ ARMS = {
     # GKD's fully on-policy setting (lmbda 1): every batch is the student's own continuation of a prompt
     "on_policy_l1_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: "
                                             f"{ON_POLICY_FULL}}}, {EVAL_24}]", TRAIN),
+    # sequence-level KD from the 24-layer student: half the micro batches continued by the teacher,
+    # sampled or greedy. A greedy draft is judged only on the teacher's greedy path (an accepted token
+    # is the teacher's), so the teacher's greedy continuations are exactly the contexts it is judged on
+    "seq_kd_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, "
+                                      f"source: teacher, prompt_tokens: 32, temperature: 1.0}}}}, {EVAL_24}]", TRAIN),
+    "seq_kd_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, "
+                                             f"source: teacher, prompt_tokens: 32, temperature: 0.0}}}}, {EVAL_24}]",
+                          TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }

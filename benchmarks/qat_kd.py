@@ -6,8 +6,9 @@ to nearest or from GPTQ), in every format (int8, int4 g64/g32, FP8, NVFP4, MXFP4
 Arms: ``rtn_<f>`` and ``qat_kd_<f>`` for every format f in FORMATS, ``gptq_<f>`` and
 ``qat_kd_gptq_<f>`` for the 4-bit ones, block-wise reconstruction (``*blockwise*``, after round to
 nearest or GPTQ, as PTQ and as QAT's start), ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` (scales
-trained, LSQ; ``..._lsq_blockwise_...``: block-wise too, EfficientQAT's recipe) and a few W8A8 /
-KV-cache PTQ settings (``--help`` lists them).
+trained, LSQ; ``..._lsq_blockwise_...``: block-wise too, EfficientQAT's recipe), ``rtn_mse_<f>`` /
+``gptq_mse_<f>`` (the mse observer: each block's range shrunk to its least squared error) and a few
+W8A8 / KV-cache PTQ settings (``--help`` lists them).
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
 the teacher (`student.init: teacher`) and one quantization stage; training arms take 150 steps x
@@ -59,6 +60,9 @@ ARMS = {
     "blockwise_int4_g64": ptq(FORMATS["int4_g64"], BLOCKWISE),
     "gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
     **{f"gptq_blockwise_{tag}_int4_g64": ptq(FORMATS["int4_g64"], f"{GPTQ}, {b}") for tag, b in BLOCKWISE_LR.items()},
+    # the mse observer (each block's range shrunk to its least squared error), for round to nearest and GPTQ
+    **{f"rtn_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse") for f in FOUR_BIT},
+    **{f"gptq_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse", GPTQ) for f in FOUR_BIT},
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -76,6 +80,7 @@ ARMS = {
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
+    "qat_kd_gptq_mse_blockwise_int4_g64": qat(f"{FORMATS['int4_g64']}, observer: mse", f"{GPTQ}, {BLOCKWISE}"),
     **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
        for tag, b in BLOCKWISE_LR.items()},
     # the same as qat_kd_gptq_int4_g64 and qat_kd_gptq_blockwise_int4_g64 on 4x the tokens (600 steps,

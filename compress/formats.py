@@ -15,6 +15,12 @@ first (NVFP4's tensor scale, FP8's per-tensor scale):
 Parameters are recomputed from the weight at every step by default; a module may hold them
 fixed instead (GPTQ's, whose rounded weights do not give back the scales they were rounded with).
 
+The observer picks a block's params: ``minmax`` (the default) from the block's range, so its
+largest value is on the grid; ``mse`` (``fmt.observer = "mse"``) from the range shrunk by the
+ratio r in 1.00, 0.99, ..., 0.50 that gives the block the least squared rounding error (values
+beyond the shrunk range clip; a coarse grid with a few clipped outliers often rounds the rest
+closer). ``fmt.fit(wg, st)`` is the observer's choice; ``quant_params`` and GPTQ use it.
+
 GPTQ (compress.gptq) uses the same three steps column by column, so every format here gets the
 error-compensating PTQ for free. ``pack`` writes compressed-tensors' tensors for the module,
 ``ct_scheme`` its config group. The math of each format is in ``compress.quant`` (int, GGUF) and
@@ -30,10 +36,15 @@ from compress.errors import CompressError
 from compress.quant import IntSpec, _qparams, gguf_round, gguf_scale, int_round, pack_int32
 
 
+CLIP_RATIOS = tuple(1 - i / 100 for i in range(51))  # the ranges the mse observer tries: 1.00, 0.99, ..., 0.50
+OBSERVERS = ("minmax", "mse")
+
+
 class WeightFormat:
     name: str
     block: int | None = None      # columns sharing one set of params (None: a whole row)
     ct_format: str | None = None  # compressed-tensors' format name; None: not exportable there
+    observer: str = "minmax"      # how ``fit`` picks a block's params (OBSERVERS)
 
     def check(self, in_features: int, name: str = "weight") -> None:
         if self.block and in_features % self.block:
@@ -44,7 +55,28 @@ class WeightFormat:
         return {}
 
     def params(self, wg: torch.Tensor, st: dict) -> dict[str, torch.Tensor]:
+        """The params of blocks wg (out, groups, block) from their range: the minmax observer."""
         raise NotImplementedError
+
+    def fit(self, wg: torch.Tensor, st: dict, rows: int = 4096) -> dict[str, torch.Tensor]:
+        """The params the observer picks for blocks wg (out, groups, block); ``rows`` at a time (mse)."""
+        if self.observer == "minmax":
+            return self.params(wg, st)
+        parts = [self._least_error(chunk, st) for chunk in wg.split(rows)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _least_error(self, wg: torch.Tensor, st: dict) -> dict[str, torch.Tensor]:
+        best, err = None, None
+        for r in CLIP_RATIOS:  # ties keep the wider range
+            p = self.params(wg * r, st)
+            e = (self.qdq_elem(wg, p, st) - wg).pow(2).sum(-1)
+            if best is None:
+                best, err = p, e
+                continue
+            better = e < err
+            best = {k: torch.where(better, v, best[k]) for k, v in p.items()}
+            err = torch.where(better, e, err)
+        return best
 
     def _round(self, x: torch.Tensor, p: dict, st: dict) -> torch.Tensor:
         """x (..., k) rounded with per-row params p (..., 1): the format's stored values."""
@@ -63,7 +95,7 @@ class WeightFormat:
 
     def quant_params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.tensor_state(w)
-        return {**st, **self.params(self.grouped(w), st)}
+        return {**st, **self.fit(self.grouped(w), st)}
 
     def split(self, qp: dict) -> tuple[dict, dict]:
         """(per-group params, tensor state) of a ``quant_params`` dict."""
@@ -206,13 +238,18 @@ class GGUFFormat(WeightFormat):
 
 
 def weight_format(fmt: str, bits: int = 4, group_size: int | None = 64, symmetric: bool = True,
-                  per_channel: bool = True) -> WeightFormat:
+                  per_channel: bool = True, observer: str = "minmax") -> WeightFormat:
+    if observer not in OBSERVERS:
+        raise CompressError(f"observer {observer!r} is unknown; use {' or '.join(OBSERVERS)}")
     if fmt == "int":
-        return IntFormat(bits, group_size, symmetric)
-    if fmt == "fp8":
-        return FP8Format(per_channel)
-    if fmt in ("nvfp4", "mxfp4"):
-        return NVFP4Format() if fmt == "nvfp4" else MXFP4Format()
-    if fmt.startswith("gguf_"):
-        return GGUFFormat(fmt[5:])
-    raise CompressError(f"weight format {fmt!r} is unknown; use int, fp8, nvfp4, mxfp4, gguf_q8_0 or gguf_q4_0")
+        out = IntFormat(bits, group_size, symmetric)
+    elif fmt == "fp8":
+        out = FP8Format(per_channel)
+    elif fmt in ("nvfp4", "mxfp4"):
+        out = NVFP4Format() if fmt == "nvfp4" else MXFP4Format()
+    elif fmt.startswith("gguf_"):
+        out = GGUFFormat(fmt[5:])
+    else:
+        raise CompressError(f"weight format {fmt!r} is unknown; use int, fp8, nvfp4, mxfp4, gguf_q8_0 or gguf_q4_0")
+    out.observer = observer
+    return out

@@ -8,8 +8,8 @@ For a weight W (out, in), with H damped (H + damp * mean(diag H) * I) and U the 
 factor of H^-1, columns are quantized left to right in blocks of B; column j's error
 e = (w_j - q_j) / U_jj updates the rest of the block at once (w_k -= e * U_jk), and the block's
 errors update the columns after it in one matmul (the "lazy batch" update). The params of a
-group of ``block`` columns (scales, zero points) are computed when its first column comes up,
-from the columns as updated so far; per-channel and per-tensor params come from W first. With
+group of ``block`` columns (scales, zero points) are fitted (by the format's observer) when its
+first column comes up, from the columns as updated so far; per-channel and per-tensor params come from W first. With
 ``act_order`` the columns go in order of decreasing diag(H) and each group's params are computed
 from the original W up front (static groups), so the export's group layout is unchanged.
 
@@ -60,7 +60,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
     g = fmt.block or n
     B = g * math.ceil(block_size / g) if fmt.block else block_size
     st = fmt.tensor_state(W)
-    static = fmt.params(fmt.grouped(W), st)  # (out, groups): used per-channel, and for act_order
+    static = fmt.fit(fmt.grouped(W), st)  # (out, groups): used per-channel, and for act_order
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     params = {k: torch.empty_like(v) for k, v in static.items()}
@@ -74,7 +74,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
             col = int(perm[i1 + i])
             grp = col // g if fmt.block else 0
             if fmt.block and not act_order and col % g == 0:  # a group starts: params from its updated columns
-                fresh = fmt.params(W1[:, i:i + g][:, None, :], st)
+                fresh = fmt.fit(W1[:, i:i + g][:, None, :], st)
                 for k, v in fresh.items():
                     params[k][:, grp] = v[:, 0]
             p = {k: (v if fmt.block and not act_order else static[k])[:, grp:grp + 1] for k, v in params.items()}

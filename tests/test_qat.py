@@ -224,6 +224,60 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
             assert err < 0.8 * rtn, (name, act_order, float(err), float(rtn))
 
 
+OBSERVED = [("int4 g32", ("int", 4, 32)), ("int4 g32 asym", ("int", 4, 32, False)), ("int8 channel", ("int", 8, None)),
+            ("fp8", ("fp8",)), ("nvfp4", ("nvfp4",)), ("mxfp4", ("mxfp4",)), ("gguf q4_0", ("gguf_q4_0",))]
+
+
+@pytest.mark.parametrize("args", [a for _, a in OBSERVED], ids=[n for n, _ in OBSERVED])
+def test_mse_observer_picks_the_least_error_range_of_each_block(args):
+    """On heavy-tailed weights, the mse observer's params give every block the least squared error
+    among the shrunk ranges it tries (never more than the range itself, minmax's choice), and less
+    in total; a layer quantized with it holds those params fixed, through a stage round trip."""
+    from compress.formats import CLIP_RATIOS, weight_format
+
+    w = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
+    minmax, mse = weight_format(*args), weight_format(*args, observer="mse")
+    st, wg = mse.tensor_state(w), mse.grouped(w)
+
+    def block_error(p):
+        return (mse.qdq_elem(wg, p, st) - wg).pow(2).sum(-1)
+
+    chosen = block_error(mse.fit(wg, st))
+    every = torch.stack([block_error(mse.params(wg * r, st)) for r in CLIP_RATIOS])
+    assert torch.equal(chosen, every.min(0).values)
+    assert torch.equal(block_error(minmax.fit(wg, st)), every[0])
+    assert chosen.sum() < every[0].sum()  # (int4 g32 here: ~0.7x; int8 per channel: ~0.95x)
+    assert torch.equal(mse.qdq(w), mse.qdq(w, mse.quant_params(w)))
+
+
+def test_mse_observer_params_are_held_by_the_layer_and_used_by_gptq(tmp_path):
+    from compress.formats import weight_format
+    from compress.gptq import gptq
+
+    model, ref = tiny(), tiny()
+    quantize_linears(model, WeightQuant(bits=4, group_size=32, observer="mse"))
+    quantize_linears(ref, WeightQuant(bits=4, group_size=32))
+    q = model.model.layers[0].mlp.down_proj
+    fmt = weight_format("int", 4, 32, observer="mse")
+    held = fmt.quant_params(q.weight)
+    assert q.opts["frozen"] and torch.equal(q.qparams()["scale"], held["scale"])
+    with torch.no_grad():
+        q.weight.mul_(1.5)  # held fixed: the grid does not follow the weight (minmax's does)
+    assert torch.equal(q.quantized_weight(), fmt.qdq(q.weight, held))
+    assert not torch.equal(q.quantized_weight(), fmt.qdq(q.weight))
+    with torch.no_grad():
+        q.weight.div_(1.5)
+    error = {name: sum((m.quantized_weight() - m.weight).pow(2).sum() for m in net.modules() if isinstance(m, QuantLinear))
+             for name, net in (("mse", model), ("minmax", ref))}
+    assert error["mse"] < error["minmax"]
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_same_after_stage_and_export(model, ids, tmp_path)
+    # GPTQ fits each group with the observer: with uncorrelated unit inputs it compensates nothing, so
+    # its result is the observer's round to nearest
+    w = torch.distributions.StudentT(3.0).sample((16, 128)) * 0.02
+    assert torch.equal(gptq(w, torch.eye(128), fmt).quantized, fmt.qdq(w))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: GPTQ on a model that lives there")
 def test_gptq_of_a_cuda_weight_equals_the_cpu_one():
     from compress.formats import weight_format

@@ -64,6 +64,10 @@ class WeightQuant(Strict):
     per_tensor: bool = False  # fp8 only: one scale for the whole weight
     # int only: scales are trained with the weights (LSQ), starting from the weights' own (qat only)
     learn_scales: bool = False
+    # how each block's params are picked: minmax (its range; recomputed from the weight at every step)
+    # or mse (the range shrunk by the ratio in 1.00 .. 0.50 with the least squared error, fitted
+    # once when the layer is quantized and then held fixed; GPTQ fits each group it quantizes so)
+    observer: Literal["minmax", "mse"] = "minmax"
     # dynamic per-token quantization of each targeted linear's input (W8A8 with bits 8 / fp8)
     activations: Literal["int8", "fp8"] | None = None
     targets: list[str] = Field(default_factory=lambda: list(PROJECTIONS), min_length=1)  # module name suffixes
@@ -95,7 +99,8 @@ class WeightQuant(Strict):
         return self
 
     def wformat(self) -> WeightFormat:
-        return weight_format(self.format, self.bits, self.group_size, self.symmetric, not self.per_tensor)
+        return weight_format(self.format, self.bits, self.group_size, self.symmetric, not self.per_tensor,
+                             self.observer)
 
 
 class KVCacheQuant(Strict):
@@ -117,16 +122,16 @@ class QuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str = "int", bits: int = 4,
                  group_size: int | None = 64, symmetric: bool = True, per_tensor: bool = False,
                  activations: str | None = None, packed_export: bool = True, frozen: dict | None = None,
-                 learn_scales: bool = False, masked: bool = False):
+                 learn_scales: bool = False, masked: bool = False, observer: str = "minmax"):
         super().__init__(in_features, out_features, bias=bias)
         self.opts = {"fmt": fmt, "bits": bits, "group_size": group_size, "symmetric": symmetric,
                      "per_tensor": per_tensor, "activations": activations, "packed_export": packed_export,
-                     "frozen": frozen, "learn_scales": learn_scales, "masked": masked}
+                     "frozen": frozen, "learn_scales": learn_scales, "masked": masked, "observer": observer}
         if masked:  # a sparsity mask from an earlier sparsify stage, kept through QAT (zeros round to zero)
             self.register_buffer("mask", torch.ones(out_features, in_features))
         for key, shape in (frozen or {}).items():  # fixed quantization params (GPTQ's), as buffers qp_<key>
             self.register_buffer(f"qp_{key}", torch.zeros(shape))
-        self.wformat = weight_format(fmt, bits, group_size, symmetric, not per_tensor)
+        self.wformat = weight_format(fmt, bits, group_size, symmetric, not per_tensor, observer)
         self.wformat.check(in_features)
         if learn_scales:  # LSQ: a trained scale per group (and the zero point it started with, fixed)
             groups = self.wformat.spec.groups(in_features)
@@ -139,7 +144,7 @@ class QuantLinear(nn.Linear):
     def from_linear(cls, lin: nn.Linear, cfg: WeightQuant) -> "QuantLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, cfg.format, cfg.bits, cfg.group_size,
                 cfg.symmetric, cfg.per_tensor, cfg.activations, cfg.export == "compressed-tensors",
-                learn_scales=cfg.learn_scales, masked=hasattr(lin, "mask"))
+                learn_scales=cfg.learn_scales, masked=hasattr(lin, "mask"), observer=cfg.observer)
         m.to(lin.weight.device, lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
@@ -151,6 +156,8 @@ class QuantLinear(nn.Linear):
             if cfg.learn_scales:
                 qp = m.wformat.quant_params(m.weight)
                 m.scale.copy_(qp["scale"]), m.zero.copy_(qp["zero"])
+        if cfg.observer != "minmax" and not cfg.learn_scales:  # a searched fit is made once, then held
+            m.freeze(m.wformat.quant_params(m.masked_weight()))
         return m
 
     def freeze(self, qp: dict[str, torch.Tensor]) -> None:
