@@ -6,8 +6,9 @@ A quantized model passes its own values and block scales (``blocks``: what its f
 computes, from GPTQ's fixed scales or any other), and the file holds exactly those; any other
 projection is block-rounded here by ``compress.quant.gguf_quantize`` (bit-exact with ggml and the
 ``gguf`` package). Either way the blocks are packed by ``compress.quant.pack_gguf``, so a model
-trained with that fake-quant loads back with the weights it trained with. The tokenizer and general metadata are copied from a GGUF file of the same tokenizer
-(the teacher's); the architecture fields come from the model's config. Tensor names and the q/k
+trained with that fake-quant loads back with the weights it trained with. The tokenizer and
+general metadata are copied from a GGUF file of the same tokenizer (the teacher's); the
+architecture fields come from the model's config. Tensor names and the q/k
 row permutation follow llama.cpp's converter (transformers' GGUF loader undoes the permutation).
 """
 
@@ -103,7 +104,8 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, kind: str, tokenizer_g
                 w, raw = pack_gguf(*(blocks.get(name) or gguf_quantize(t, kind)), kind), qtype
             else:
                 w, raw = t.detach().to(torch.float32).cpu().numpy(), None
-            if gname.endswith("attn_q.weight"):  # rows are quantized independently: permuting the packed rows is the same
+            # rows are quantized independently, so the packed rows permute as the float ones would
+            if gname.endswith("attn_q.weight"):
                 w = permute_rows(w, cfg.num_attention_heads)
             elif gname.endswith("attn_k.weight"):
                 w = permute_rows(w, cfg.num_key_value_heads)

@@ -267,8 +267,8 @@ def test_mse_observer_params_are_held_by_the_layer_and_used_by_gptq(tmp_path):
     assert not torch.equal(q.quantized_weight(), fmt.qdq(q.weight))
     with torch.no_grad():
         q.weight.div_(1.5)
-    error = {name: sum((m.quantized_weight() - m.weight).pow(2).sum() for m in net.modules() if isinstance(m, QuantLinear))
-             for name, net in (("mse", model), ("minmax", ref))}
+    error = {name: sum((m.quantized_weight() - m.weight).pow(2).sum() for m in net.modules()
+                       if isinstance(m, QuantLinear)) for name, net in (("mse", model), ("minmax", ref))}
     assert error["mse"] < error["minmax"]
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     assert_same_after_stage_and_export(model, ids, tmp_path)

@@ -65,7 +65,7 @@ class WeightQuant(Strict):
     # int only: scales are trained with the weights (LSQ), starting from the weights' own (qat only)
     learn_scales: bool = False
     # how each block's params are picked: minmax (its range; recomputed from the weight at every step)
-    # or mse (the range shrunk by the ratio in 1.00 .. 0.50 with the least squared error, fitted
+    # or mse (the range shrunk by the ratio in 1.00 .. 0.70 with the least squared error, fitted
     # once when the layer is quantized and then held fixed; GPTQ fits each group it quantizes so)
     observer: Literal["minmax", "mse"] = "minmax"
     # dynamic per-token quantization of each targeted linear's input (W8A8 with bits 8 / fp8)
