@@ -38,12 +38,18 @@ def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> 
     return out, overrides, recipe
 
 
+# options added to the schema since some runs were made, whose default is not None: a run made
+# before one of them ran with its default
+LATER_DEFAULTS = {"observer": "minmax"}
+
+
 def same_recipe(old, new) -> bool:
     """Whether a finished run's resolved recipe is this one. A key only one side has counts as equal
-    when its value is None: an option added to the schema since (off by default) does not make
-    every earlier run stale."""
+    when its value is None or, for a key in LATER_DEFAULTS, that default: an option added to the
+    schema since (off by default) does not make every earlier run stale."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return all(same_recipe(old.get(k), new.get(k)) if k in old and k in new else (old.get(k, new.get(k)) is None)
+        return all(same_recipe(old.get(k), new.get(k)) if k in old and k in new
+                   else old.get(k, new.get(k)) in (None, LATER_DEFAULTS.get(k))
                    for k in old.keys() | new.keys())
     if isinstance(old, list) and isinstance(new, list):
         return len(old) == len(new) and all(same_recipe(a, b) for a, b in zip(old, new))

@@ -56,6 +56,10 @@ def test_a_run_made_before_a_new_optional_field_is_still_the_same_recipe():
     assert not same_recipe(old, {"seed": 1, "stages": old["stages"]})
     assert not same_recipe(old, {"seed": 0, "stages": [*old["stages"], {"kind": "distill"}]})
     assert not same_recipe(old, {"seed": 0, "stages": [{"kind": "sparsify", "method": "wanda"}]})
+    # an option added later with a default other than None: an earlier run ran with that default
+    ptq = {"seed": 0, "stages": [{"kind": "quantize", "weights": {"bits": 4}}]}
+    assert same_recipe(ptq, {"seed": 0, "stages": [{"kind": "quantize", "weights": {"bits": 4, "observer": "minmax"}}]})
+    assert not same_recipe(ptq, {"seed": 0, "stages": [{"kind": "quantize", "weights": {"bits": 4, "observer": "mse"}}]})
 
 
 def test_a_benchmark_run_keeps_its_results_and_final_model_but_not_the_stage_snapshots(tmp_path, tiny_teacher):
@@ -224,3 +228,21 @@ def test_a_seed_whose_run_is_gone_is_taken_from_its_results_page_only_if_it_is_t
     assert common.arm_stats(got, {"ppl": ("student_ppl", "lower")})["kd"]["ppl"]["mean"] == pytest.approx(13.1)
     with pytest.raises(SystemExit, match="no finished run"):  # other overrides for every run: not the page's runs
         sweep("kd", ["train.lr=1.0e-4"])
+
+
+def test_qat_benchmark_reads_the_curve_of_a_run_evaluated_during_training(tmp_path):
+    from benchmarks import qat_kd
+
+    rows = [{"stage": 0, "step": 0, "transformed/kl": 0.12, "transformed/ppl_ratio": 1.09,
+             "transformed/top1_agreement": 0.81},
+            {"stage": 0, "step": 10, "train/loss": 0.3},
+            *({"stage": 0, "step": st, "eval/kl": k, "eval/ppl_ratio": 1.0, "eval/top1_agreement": 0.82}
+              for st, k in ((150, 0.105), (300, 0.1)))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arm = "qat_kd_gptq_blockwise_int4_g64_600"
+    curves = qat_kd._curves({arm: {0: {}}}, {(arm, 0): (str(tmp_path), {}, {})})
+    assert [(p["step"], p["kl"]) for p in curves[arm][0]] == [(0, 0.12), (150, 0.105), (300, 0.1)]
+    assert "| qat_kd_gptq_blockwise_int4_g64_600 | 0 | 300 |" in qat_kd._curves_markdown(curves).replace("  ", " ")
+    # a run evaluated only at its end has no curve
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert qat_kd._curves({arm: {0: {}}}, {(arm, 0): (str(tmp_path), {}, {})}) == {}
