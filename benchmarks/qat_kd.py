@@ -101,7 +101,7 @@ def main() -> int:
     verdict = _verdict(stats)
     curves = _curves(results, plans)
     md = _markdown(args, stats, verdict, wall, results) + _curves_markdown(curves)
-    payload = {**sweep_payload(args, wall, ARMS, results, stats, verdict), "curves": curves}
+    payload = sweep_payload(args, wall, ARMS, results, stats, verdict, curves=curves)
     write_results(args.tag, payload, md)
     return 0
 
@@ -110,16 +110,14 @@ def _curves(results: dict, plans: dict) -> dict:
     """{arm: {seed: [{step, ppl_ratio, kl, top1_agreement}, ...]}} of the runs evaluated during
     training (the ``_600`` arms, every 150 steps), from each run's metrics.jsonl; the PTQ start
     (the transform's metrics) is step 0."""
-    import json
+    from compress.tracking import read_metrics
 
     out = {}
     for (a, s), (folder, _, _) in plans.items():
-        path = REPO / folder / "metrics.jsonl"
-        if s not in results[a] or "page" in results[a][s] or not path.is_file():
+        if s not in results[a] or "page" in results[a][s]:
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         points = [{"step": r["step"], **{m: r[f"{pre}/{m}"] for m in ("ppl_ratio", "kl", "top1_agreement")}}
-                  for r in rows for pre in ("transformed", "eval") if f"{pre}/kl" in r]
+                  for r in read_metrics(REPO / folder) for pre in ("transformed", "eval") if f"{pre}/kl" in r]
         if len(points) > 2:  # a start and more than the final evaluation
             out.setdefault(a, {})[s] = points
     return out
@@ -130,9 +128,7 @@ def _curves_markdown(curves: dict) -> str:
         return ""
     from compress.tracking import format_table
 
-    rows = [{"arm": a, "seed": s, "step": p["step"], "ppl_ratio": f"{p['ppl_ratio']:.4g}", "kl": f"{p['kl']:.4g}",
-             "top1_agreement": f"{p['top1_agreement']:.4g}"} for a, by in curves.items() for s, pts in by.items()
-            for p in pts]
+    rows = [{"arm": a, "seed": s, **p} for a, by in curves.items() for s, pts in by.items() for p in pts]
     return ("\nDuring training (held-out metrics at each evaluation; step 0 is the PTQ start):\n\n"
             + format_table(rows, ["arm", "seed", "step", "ppl_ratio", "kl", "top1_agreement"]) + "\n")
 

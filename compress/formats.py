@@ -68,13 +68,14 @@ class WeightFormat:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _least_error(self, wg: torch.Tensor, st: dict) -> dict[str, torch.Tensor]:
-        best, err = None, None
-        for r in CLIP_RATIOS:  # ties keep the wider range
+        def error(p):
+            return (self.qdq_elem(wg, p, st) - wg).pow(2).sum(-1)
+
+        best = self.params(wg, st)  # ratio 1.00
+        err = error(best)
+        for r in CLIP_RATIOS[1:]:  # ties keep the wider range
             p = self.params(wg * r, st)
-            e = (self.qdq_elem(wg, p, st) - wg).pow(2).sum(-1)
-            if best is None:
-                best, err = p, e
-                continue
+            e = error(p)
             better = e < err
             best = {k: torch.where(better, v, best[k]) for k, v in p.items()}
             err = torch.where(better, e, err)
