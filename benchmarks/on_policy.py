@@ -17,6 +17,8 @@ layers removed by a `prune` stage (calibration KL), so the student's own samples
 from the first step, as GKD's supervised students' are; `on_policy_greedy_24l` samples them greedily
 (a greedy draft is judged on the teacher's greedy path, which a close student's greedy path follows).
 `on_policy_l1_24l` is GKD's fully on-policy setting (lmbda 1: every batch is the student's own).
+`skd_24l` / `skd_greedy_24l` interleave (SKD, Xu et al. 2024): the student proposes each token and the
+teacher keeps it when it is among its 25 / 5 most probable, else writes its own.
 Their acceptance is measured on 32 prompts instead of 8, all of them for every run: where the in-run
 check's time budget stopped it early, the export is checked again with none (`recheck`).
 """
@@ -65,7 +67,9 @@ RIVALS = {"on_policy": ("kd", "ce", "seq_kd"), "kd_then_on_policy": ("kd", "ce",
           "on_policy_rkl_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
           "on_policy_l1_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
           "seq_kd_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
-          "seq_kd_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l")}
+          "seq_kd_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l"),
+          "skd_24l": ("kd_24l", "ce_24l", "on_policy_24l", "seq_kd_greedy_24l"),
+          "skd_greedy_24l": ("kd_24l", "ce_24l", "on_policy_24l", "seq_kd_greedy_24l")}
 ARMS = {
     "ce": (STUDENT, f"[{{kind: finetune}}, {EVAL}]", TRAIN),
     "kd": (STUDENT, f"[{{kind: distill, loss: forward_kl}}, {EVAL}]", TRAIN),
@@ -112,6 +116,16 @@ ARMS = {
     "seq_kd_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, "
                                              f"source: teacher, prompt_tokens: 32, temperature: 0.0}}}}, {EVAL_24}]",
                           TRAIN),
+    # interleaved sampling (SKD, Xu et al. 2024): the student proposes each token, the teacher keeps it
+    # when it ranks it among its top k, else puts its own token there: the student's own states, kept
+    # near text the teacher would write. SKD's setting (k 25, sampled), and greedy with k 5: a greedy
+    # draft's states, corrected before they leave the teacher's few best continuations
+    "skd_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, "
+                                   f"source: interleaved, accept_top_k: 25, prompt_tokens: 32, temperature: 1.0}}}}, "
+                                   f"{EVAL_24}]", TRAIN),
+    "skd_greedy_24l": ("{init: teacher}", f"[{PRUNE_24}, {{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, "
+                                          f"source: interleaved, accept_top_k: 5, prompt_tokens: 32, "
+                                          f"temperature: 0.0}}}}, {EVAL_24}]", TRAIN),
     "seq_kd": (STUDENT, f"[{{kind: distill, loss: forward_kl, on_policy: {{lmbda: 0.5, source: teacher, "
                         f"prompt_tokens: 32, temperature: 1.0}}}}, {EVAL}]", TRAIN),
 }

@@ -60,7 +60,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, block_size: int = 
     g = fmt.block or n
     B = g * math.ceil(block_size / g) if fmt.block else block_size
     st = fmt.tensor_state(W)
-    static = fmt.fit(fmt.grouped(W), st)  # (out, groups): used per-channel, and for act_order
+    # (out, groups): the params per channel, and for act_order; else fitted group by group below (this
+    # is then only their shapes: minmax's, free, never a searching observer's)
+    static = (fmt.fit if act_order or not fmt.block else fmt.params)(fmt.grouped(W), st)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     W, U = W[:, perm], inverse_hessian_factor(H[perm][:, perm], damp)
     params = {k: torch.empty_like(v) for k, v in static.items()}

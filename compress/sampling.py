@@ -8,6 +8,9 @@ without padding, and ranks that each sample their own rows run the same number o
 ZeRO-3 model gathers its layers in lockstep). ``temperature == 0`` is greedy. The model is put in
 eval mode for the sampling and restored after.
 
+``interleaved_continuations(student, teacher, prompts, n, accept_top_k=25)``: the student proposes
+each token and the teacher keeps it or replaces it (SKD); the same contract.
+
 ``GraphDecoder(model, max_len)``: a StaticCache of max_len tokens (any batch size, fixed by its first
 feed). On CUDA a feed of n <= GRAPH_MAX new tokens replays a CUDA graph captured for that n (the
 first feed of each n captures it), so a decode step costs the GPU's time, not Python's. Longer
@@ -80,38 +83,87 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     must never be drawn); default the model config's. ``graphs``: decode on a static cache (CUDA
     graphs on CUDA); None (default): on CUDA where the model allows it (see the module's note).
     """
+    _check_request(prompts, new_tokens, temperature, top_p)
+    check_cache_argument()
+    was_training = model.training
+    model.eval()
+    try:
+        step = _stepper(model, prompts.shape[0], prompts.shape[1] + new_tokens, graphs)
+        seq, feed = prompts, prompts
+        for _ in range(new_tokens):
+            feed = _pick(step(feed)[:, :vocab_size], temperature, top_p, generator)  # (B, 1)
+            seq = torch.cat([seq, feed], dim=1)
+        return seq
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def interleaved_continuations(student: nn.Module, teacher: nn.Module, prompts: torch.Tensor, new_tokens: int, *,
+                              accept_top_k: int, temperature: float = 1.0, top_p: float = 1.0,
+                              generator: torch.Generator | None = None, vocab_size: int | None = None,
+                              graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved sampling (SKD, Xu et al. 2024, "Speculative Knowledge Distillation"): at each
+    position the student proposes a token (its own sample); the teacher keeps it when it is among
+    the teacher's ``accept_top_k`` most probable next tokens, else puts its own sample there. The
+    text is the student's wherever the teacher finds it plausible, so the student trains on its own
+    states without drifting into text the teacher would never continue. Both models decode in
+    lockstep, each on its own KV cache. ``accept_top_k=1`` with ``temperature=0`` is the teacher's
+    greedy path (up to exact ties). Returns ((B, P + new_tokens) ids, (B, new_tokens) bool: the
+    student's proposal kept)."""
+    if accept_top_k < 1:
+        raise CompressError(f"accept_top_k={accept_top_k}: the teacher keeps proposals among its top k >= 1 tokens")
+    _check_request(prompts, new_tokens, temperature, top_p)
+    check_cache_argument()
+    modes = [(m, m.training) for m in (student, teacher)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        b, length = prompts.shape[0], prompts.shape[1] + new_tokens
+        s_step, t_step = (_stepper(m, b, length, graphs) for m in (student, teacher))
+        seq, feed, kept = prompts, prompts, []
+        for _ in range(new_tokens):
+            zs, zt = s_step(feed)[:, :vocab_size], t_step(feed)[:, :vocab_size]  # (both on the prompts' device)
+            proposal = _pick(zs, temperature, top_p, generator)  # (B, 1)
+            ahead = (zt > zt.gather(-1, proposal)).sum(-1, keepdim=True)  # teacher ids strictly more probable
+            keep = ahead < accept_top_k
+            feed = torch.where(keep, proposal, _pick(zt, temperature, top_p, generator))
+            seq = torch.cat([seq, feed], dim=1)
+            kept.append(keep)
+        return seq, torch.cat(kept, dim=1)
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def _check_request(prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float) -> None:
     if prompts.ndim != 2 or prompts.shape[1] < 1:
         raise CompressError(f"prompts must be (B, P) with P >= 1 token, got {tuple(prompts.shape)}")
     if new_tokens < 1:
         raise CompressError(f"new_tokens={new_tokens}: sample at least 1 token")
     if temperature < 0 or not 0 < top_p <= 1:
         raise CompressError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
-    check_cache_argument()
+
+
+def _stepper(model: nn.Module, batch: int, max_len: int, graphs: bool | None):
+    """feed (B, n) -> (B, V) fp32 logits of the next token, on a fresh KV cache for ``model``: a
+    static-cache decoder (graphs on CUDA) where ``graphs`` (None: where the model allows it), else a
+    DynamicCache."""
     if graphs is None:
         graphs = serves_graphs(model) and not any(hasattr(p, "ds_status") for p in model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        if graphs:
-            dec = _sampler_decoder(model, prompts.shape[0], prompts.shape[1] + new_tokens)
-            step = lambda feed: dec.feed(feed, 1)[:, -1]  # noqa: E731
-        else:
-            cache = DynamicCache(config=model.config)
-            step = lambda feed: model(input_ids=feed, cache=cache, use_cache=True,  # noqa: E731
-                                      logits_to_keep=1).logits[:, -1].float()
-        seq, feed = prompts, prompts
-        for _ in range(new_tokens):
-            logits = step(feed)[:, :vocab_size]  # (B, V)
-            if temperature == 0:
-                token = logits.argmax(-1, keepdim=True)
-            else:
-                probs = top_p_filter(logits / temperature, top_p).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator)
-            seq = torch.cat([seq, token], dim=1)
-            feed = token
-        return seq
-    finally:
-        model.train(was_training)
+    if graphs:
+        dec = _sampler_decoder(model, batch, max_len)
+        return lambda feed: dec.feed(feed, 1)[:, -1]
+    cache = DynamicCache(config=model.config)
+    return lambda feed: model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) ids: argmax at temperature 0, else a draw from the nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def _sampler_decoder(model: nn.Module, batch: int, max_len: int) -> GraphDecoder:

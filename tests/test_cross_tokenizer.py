@@ -532,9 +532,10 @@ def test_on_policy_across_tokenizers_scores_the_students_own_text(tmp_path, stud
         want = uld_loss(zs, zt)
     assert 0 < al["pair_mask"].sum() < al["pair_mask"].numel()
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(CompressError, match="with cross_tokenizer use source: student"):
-        load_recipe(write_recipe(tmp_path / "t.yaml", tmp_path, tmp_path / "out", stages=[
-            {**stage, "on_policy": {"lmbda": 0.5, "source": "teacher"}}]))
+    for source in ("teacher", "interleaved"):
+        with pytest.raises(CompressError, match="with cross_tokenizer use source: student"):
+            load_recipe(write_recipe(tmp_path / "t.yaml", tmp_path, tmp_path / "out", stages=[
+                {**stage, "on_policy": {"lmbda": 0.5, "source": source}}]))
 
 
 def _offline_pair(tmp_path, student_tok, teacher_tok, stage, x, chunk=None):

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from compress.errors import CompressError
 from compress.methods.distill import Distill, draw
 from compress.recipe import load_recipe
-from compress.sampling import sample_continuations, top_p_filter
+from compress.sampling import interleaved_continuations, sample_continuations, top_p_filter
 from compress.stages import RunContext
 from compress.teacher import Teacher
 from tests.tiny import write_recipe
@@ -159,9 +159,62 @@ def test_seq_kd_samples_from_the_teacher(tmp_path):
     method, module = _method(tmp_path, {"on_policy": {"lmbda": 1.0, "source": "teacher", "prompt_tokens": 3,
                                                       "temperature": 0.0}}, teacher_model=teacher)
     x = torch.randint(0, V, (2, T))
-    seq, mask = method._sampled(module, _batch(x))
+    seq, mask, _ = method._sampled(module, _batch(x))
     assert torch.equal(seq, sample_continuations(teacher, x[:, :3], T - 3, temperature=0.0))
     assert mask[:, 2:].all() and not mask[:, :2].any()
+
+
+def _ranks(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """How many ids are strictly more probable than each of ``ids``: (B, n, V), (B, n) -> (B, n)."""
+    return (logits > logits.gather(-1, ids[..., None])).sum(-1)
+
+
+@pytest.mark.parametrize("k", [1, 3, V])
+def test_interleaved_keeps_the_students_token_exactly_when_the_teacher_ranks_it_top_k(k):
+    """SKD's rule, checked position by position with full forwards (no KV cache): the student's
+    greedy proposal stays where the teacher ranks it among its k best, else the teacher's own
+    token stands; k = 1 is the teacher's greedy path and k = V the student's."""
+    student, teacher = _llama(0).eval(), _llama(1, layers=3).eval()
+    prompts, P, n = torch.randint(0, V, (3, 4)), 4, 9
+    seq, kept = interleaved_continuations(student, teacher, prompts, n, accept_top_k=k, temperature=0.0)
+    assert seq.shape == (3, P + n) and kept.shape == (3, n) and torch.equal(seq[:, :P], prompts)
+    with torch.no_grad():
+        zs, zt = student(input_ids=seq).logits[:, P - 1:-1], teacher(input_ids=seq).logits[:, P - 1:-1]
+    proposal = zs.argmax(-1)
+    assert torch.equal(kept, _ranks(zt, proposal) < k)
+    assert torch.equal(seq[:, P:], torch.where(kept, proposal, zt.argmax(-1)))
+    if k == 1:
+        assert torch.equal(seq, sample_continuations(teacher, prompts, n, temperature=0.0))
+    if k == V:
+        assert kept.all() and torch.equal(seq, sample_continuations(student, prompts, n, temperature=0.0))
+    if k == 3:
+        assert 0 < kept.sum() < kept.numel()  # both rules ran
+    assert student.training is False and teacher.training is False  # modes put back as they were
+
+
+def test_interleaved_sampling_is_seeded_and_stays_in_the_vocabulary():
+    student, teacher = _llama(0, vocab=V + 16), _llama(1, layers=3)
+    with torch.no_grad():
+        student.lm_head.weight[V:] = 50.0  # padding rows that would win every draw
+    prompts = torch.randint(0, V, (4, 3))
+    draws = [interleaved_continuations(student, teacher, prompts, 15, accept_top_k=5, top_p=0.9, vocab_size=V,
+                                       generator=torch.Generator().manual_seed(2)) for _ in range(2)]
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert draws[0][0].max() < V and student.training and teacher.training
+
+
+def test_interleaved_source_in_the_stage(tmp_path):
+    """source: interleaved scores the interleaved text on the sampled positions and logs the student's share."""
+    teacher = _llama(1, layers=3)
+    op = {"lmbda": 1.0, "source": "interleaved", "prompt_tokens": 3, "temperature": 0.0, "accept_top_k": 2}
+    method, module = _method(tmp_path, {"on_policy": op}, teacher_model=teacher)
+    x = torch.randint(0, V, (2, T))
+    seq, mask, logs = method._sampled(module, _batch(x))
+    want, kept = interleaved_continuations(module.student, teacher, x[:, :3], T - 3, accept_top_k=2, temperature=0.0)
+    assert torch.equal(seq, want) and mask[:, 2:].all() and not mask[:, :2].any()
+    assert logs["student_kept"] == kept.float().mean() and logs["on_policy"] == 1
+    loss, logs = method.loss(module, _batch(x))
+    assert "student_kept" in logs and loss.isfinite()
 
 
 @pytest.mark.parametrize("stage", [{"loss": "forward_kl", "ce_weight": 0.5}, {"loss": "jsd", "top_k": 10},
@@ -225,6 +278,8 @@ def test_two_teachers_give_the_weighted_sum(tmp_path):
     ({"on_policy": {"lmbda": -0.1}}, {}, "lmbda"),
     ({"on_policy": {}, "top_k": 8, "offline": {}}, {}, "drop offline or on_policy"),
     ({"on_policy": {}, "ce_weight": 1.0}, {}, "set ce_weight=0"),
+    ({"on_policy": {"accept_top_k": 5}}, {}, "with source: student drop it"),
+    ({"on_policy": {"source": "interleaved", "accept_top_k": 0}}, {}, "accept_top_k"),
 ])
 def test_bad_on_policy_recipes_fail_at_load(tmp_path, stage, train, match):
     with pytest.raises(CompressError, match=match):

@@ -278,6 +278,26 @@ def test_mse_observer_params_are_held_by_the_layer_and_used_by_gptq(tmp_path):
     assert torch.equal(gptq(w, torch.eye(128), fmt).quantized, fmt.qdq(w))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_the_mse_observer_searches_each_block_once(monkeypatch, act_order):
+    """GPTQ fits each group as it comes up (or, with act_order, all of them first): every block is
+    searched once, never a second whole-weight search for params it does not use."""
+    from compress.formats import WeightFormat, weight_format
+    from compress.gptq import gptq
+
+    searched, least_error = [], WeightFormat._least_error
+
+    def spy(self, wg, st):
+        searched.append(wg.shape[0] * wg.shape[1])  # blocks searched by this call
+        return least_error(self, wg, st)
+
+    monkeypatch.setattr(WeightFormat, "_least_error", spy)
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    gptq(w, 2 * x.t() @ x / len(x), weight_format("int", 4, 32, observer="mse"), act_order=act_order)
+    assert sum(searched) == 24 * 128 // 32
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: GPTQ on a model that lives there")
 def test_gptq_of_a_cuda_weight_equals_the_cpu_one():
     from compress.formats import weight_format

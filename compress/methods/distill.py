@@ -22,8 +22,9 @@ and a teacher together: same value and gradients as the full loss, a fraction of
 ``on_policy`` (GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models"): with
 probability ``lmbda`` a micro batch keeps only the first ``prompt_tokens`` of each block and
 the student samples the rest (``compress.sampling``; ``source: teacher`` samples from the teacher:
-sequence-level KD); the teacher scores the sampled text in one forward and the loss covers the
-sampled positions. The draw is a function of (seed, step, micro batch), so a resumed run draws
+sequence-level KD; ``source: interleaved`` has the student propose each token and the teacher
+keep it when it is among its ``accept_top_k`` most probable, else sample its own: SKD, Xu et al.
+2024); the teacher scores the sampled text in one forward and the loss covers the sampled positions. The draw is a function of (seed, step, micro batch), so a resumed run draws
 the same, and every rank makes the same choice (a ZeRO-3 student samples in lockstep).
 
 ``cross_tokenizer``: each student block is decoded and re-tokenized by the teacher
@@ -55,7 +56,7 @@ from compress.data import sample_indices
 from compress.errors import CompressError
 from compress.losses import KD_LOSSES, ce_loss, hidden_mse
 from compress.offline_kd import precompute
-from compress.sampling import sample_continuations
+from compress.sampling import interleaved_continuations, sample_continuations
 from compress.stages import StageConfig, StageMethod, register, with_model_losses
 
 
@@ -70,10 +71,20 @@ class OnPolicy(Strict):
     """GKD: a fraction ``lmbda`` of micro batches are continuations sampled by the student (or the teacher)."""
 
     lmbda: float = Field(0.5, ge=0.0, le=1.0)  # probability that a micro batch is sampled (GKD's λ)
-    source: Literal["student", "teacher"] = "student"  # teacher: sequence-level KD (Kim & Rush 2016)
+    # teacher: sequence-level KD (Kim & Rush 2016); interleaved: the student proposes each token and the
+    # teacher keeps it if it is among its accept_top_k most probable, else samples its own (SKD, Xu et al. 2024)
+    source: Literal["student", "teacher", "interleaved"] = "student"
+    accept_top_k: int = Field(25, ge=1)  # interleaved only (25: SKD's)
     prompt_tokens: int = Field(32, ge=1)  # the block's first tokens kept as the prompt; the rest is sampled
     temperature: float = Field(1.0, ge=0.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _accept(self) -> "OnPolicy":
+        if "accept_top_k" in self.model_fields_set and self.source != "interleaved":
+            raise ValueError(f"on_policy.accept_top_k is the teacher's acceptance rule of source: interleaved; with "
+                             f"source: {self.source} drop it")
+        return self
 
 
 class CrossTokenizer(Strict):
@@ -131,9 +142,9 @@ class DistillStage(StageConfig):
             if self.offline is not None and xt.top_k is not None:
                 raise ValueError("offline ULD compares the cache's top_k probabilities each side; drop "
                                  "cross_tokenizer.top_k (distill.top_k sets k)")
-        if self.cross_tokenizer is not None and self.on_policy is not None and self.on_policy.source == "teacher":
-            raise ValueError("on_policy.source: teacher samples in the teacher's vocabulary; with cross_tokenizer use "
-                             "source: student")
+        if self.cross_tokenizer is not None and self.on_policy is not None and self.on_policy.source != "student":
+            raise ValueError(f"on_policy.source: {self.on_policy.source} has the teacher pick tokens in its own "
+                             "vocabulary; with cross_tokenizer use source: student")
         if self.chunk_backend == "liger":
             if self.chunk_tokens is None:
                 raise ValueError("chunk_backend: liger computes the chunked loss: set chunk_tokens too")
@@ -252,25 +263,30 @@ class Distill(StageMethod):
             )
 
     # --- on-policy batches ---
-    def _sampled(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(input ids with sampled continuations, (B, T) mask of the sampled positions), or None when
-        this micro batch stays off-policy."""
+    def _sampled(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+        """(input ids with sampled continuations, (B, T) mask of the sampled positions, logs), or None
+        when this micro batch stays off-policy."""
         op, ctx = self.cfg.on_policy, self.ctx
         if op is None or op.lmbda == 0 or draw(ctx.extra["stage_seed"], batch["step"], batch["micro"]) >= op.lmbda:
             return None
         x = batch["input_ids"]
         student = _inner(module).student
-        model = student if op.source == "student" else ctx.teacher.model
         vocab = min(student.config.vocab_size, ctx.teacher.config.vocab_size) if ctx.teacher_tokenizer is None \
             else student.config.vocab_size  # another tokenizer: the student samples from its own vocabulary
         g = torch.Generator(device=x.device).manual_seed(
             int(draw(ctx.extra["stage_seed"] + 1 + ctx.rank, batch["step"], batch["micro"]) * 2**62))
-        P = op.prompt_tokens
-        seq = sample_continuations(model, x[:, :P], x.shape[1] - P, temperature=op.temperature, top_p=op.top_p,
-                                   generator=g, vocab_size=vocab)
+        P, logs = op.prompt_tokens, {"on_policy": torch.tensor(1.0)}
+        kw = dict(temperature=op.temperature, top_p=op.top_p, generator=g, vocab_size=vocab)
+        if op.source == "interleaved":
+            seq, kept = interleaved_continuations(student, ctx.teacher.model, x[:, :P], x.shape[1] - P,
+                                                  accept_top_k=op.accept_top_k, **kw)
+            logs["student_kept"] = kept.float().mean()  # the share of the text that is the student's own
+        else:
+            seq = sample_continuations(student if op.source == "student" else ctx.teacher.model, x[:, :P],
+                                       x.shape[1] - P, **kw)
         mask = torch.zeros_like(x, dtype=torch.bool)
         mask[:, P - 1:] = True  # logits at P-1 predict the first sampled token
-        return seq, mask
+        return seq, mask, logs
 
     def _cross_tokenizer_loss(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """ULD / GOLD on the positions where student and teacher tokens end at the same byte."""
@@ -300,7 +316,7 @@ class Distill(StageMethod):
         names = [f"kd{i if len(self.teachers) > 1 else ''}" for i in range(len(self.teachers))]
         logs = {"aligned_fraction": al["pair_mask"].sum().float().detach() / x.numel()}
         if cfg.on_policy is not None:
-            logs["on_policy"] = torch.tensor(float(sampled is not None))
+            logs |= sampled[2] if sampled is not None else {"on_policy": torch.tensor(0.0)}
         # an offline cache holds each teacher's rows at the student's positions: (B, T, k) log-probs
         cached = [None if c is None else c.get(batch["index"], x.device)[1] for _, _, c in self.teachers]
         want_hidden = cfg.hidden_weight > 0
@@ -393,8 +409,7 @@ class Distill(StageMethod):
         sampled = self._sampled(module, batch)
         logs = {}
         if sampled is not None:
-            x, mask = sampled
-            logs["on_policy"] = torch.tensor(1.0)
+            x, mask, logs = sampled
         elif cfg.on_policy is not None:
             logs["on_policy"] = torch.tensor(0.0)
         want_hidden = cfg.hidden_weight > 0
