@@ -24,8 +24,9 @@ probability ``lmbda`` a micro batch keeps only the first ``prompt_tokens`` of ea
 the student samples the rest (``compress.sampling``; ``source: teacher`` samples from the teacher:
 sequence-level KD; ``source: interleaved`` has the student propose each token and the teacher
 keep it when it is among its ``accept_top_k`` most probable, else sample its own: SKD, Xu et al.
-2024); the teacher scores the sampled text in one forward and the loss covers the sampled positions. The draw is a function of (seed, step, micro batch), so a resumed run draws
-the same, and every rank makes the same choice (a ZeRO-3 student samples in lockstep).
+2024); the teacher scores the sampled text in one forward and the loss covers the sampled
+positions. The draw is a function of (seed, step, micro batch), so a resumed run draws the same,
+and every rank makes the same choice (a ZeRO-3 student samples in lockstep).
 
 ``cross_tokenizer``: each student block is decoded and re-tokenized by the teacher
 (``compress.cross_tokenizer.align_batch``); the loss compares the two models' next-token
