@@ -21,7 +21,7 @@ def reference(w, spec):
         for c0 in range(0, w.shape[1], g):
             x = w[r, c0:c0 + g].tolist()
             if spec.symmetric:
-                scale, zero = max(abs(v) for v in x) / spec.qmax, 0.0
+                scale, zero = max(max(max(x), 0.0) / spec.qmax, min(min(x), 0.0) / spec.qmin), 0.0
             else:
                 lo, hi = min(min(x), 0.0), max(max(x), 0.0)
                 scale = (hi - lo) / (spec.qmax - spec.qmin)
@@ -113,7 +113,19 @@ def test_bf16_export_weights_equal_the_fake_quant_weights_cast_to_bf16(spec):
     in_bf16 = ((q.to(torch.bfloat16) - zero.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
                * scale.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
     assert torch.equal(in_bf16, fp32.to(torch.bfloat16))
-    assert (scale.repeat_interleave(w.shape[1] // scale.shape[1], 1) * spec.qmax >= w.abs()).all() or not spec.symmetric
+    if spec.symmetric:  # the grid holds the group's signed range: nothing clips
+        s = scale.repeat_interleave(w.shape[1] // scale.shape[1], 1)
+        assert ((s * spec.qmin <= w) & (w <= s * spec.qmax)).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_scale_uses_qmin_for_a_negative_extreme(bits):
+    spec = IntSpec(bits, 32, True, scale_dtype=torch.float32)
+    w = torch.linspace(-0.5, 0.5, 64).reshape(2, 32)
+    w[0, 3], w[1, 7] = -1.0, 1.0  # row 0: the extreme is negative; row 1: positive
+    q, scale, _ = quantize(w, spec)
+    assert scale[0, 0] == 1.0 / -spec.qmin and int(q[0, 3]) == spec.qmin  # -8 used: a grid 8/7 finer (int4)
+    assert scale[1, 0] == 1.0 / spec.qmax and int(q[1, 7]) == spec.qmax
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
