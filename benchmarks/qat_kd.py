@@ -44,9 +44,11 @@ def ptq(weights: str, extra: str = "") -> tuple[str, str]:
 
 # every format the qat / quantize stages take, as its `weights:` mapping
 FORMATS = {"int8": "bits: 8, group_size: null", "int4_g64": "bits: 4, group_size: 64",
+           "int4_g64_asym": "bits: 4, group_size: 64, symmetric: false",  # an int8 zero point per group too
            "int4_g32": "bits: 4, group_size: 32", "fp8": "format: fp8", "nvfp4": "format: nvfp4",
            "mxfp4": "format: mxfp4"}
-FOUR_BIT = ("int4_g64", "int4_g32", "nvfp4", "mxfp4")  # where GPTQ and QAT from GPTQ are worth an arm
+FOUR_BIT = ("int4_g64", "int4_g64_asym", "int4_g32", "nvfp4", "mxfp4")  # where GPTQ and QAT from GPTQ are worth an arm
+INT4_G64 = ("int4_g64", "int4_g64_asym")  # what the issue's int4 g64 goals are for
 
 
 def qat(weights: str, extra: str = "") -> tuple[str, str, list[str]]:
@@ -79,7 +81,7 @@ ARMS = {
     "qat_kd_gptq_lsq_blockwise_int4_g64": qat("bits: 4, group_size: 64, learn_scales: true", f"{GPTQ}, {BLOCKWISE}"),
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
-    "qat_kd_gptq_blockwise_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {BLOCKWISE}"),
+    **{f"qat_kd_gptq_blockwise_{f}": qat(FORMATS[f], f"{GPTQ}, {BLOCKWISE}") for f in INT4_G64},
     "qat_kd_gptq_mse_blockwise_int4_g64": qat(f"{FORMATS['int4_g64']}, observer: mse", f"{GPTQ}, {BLOCKWISE}"),
     **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
        for tag, b in BLOCKWISE_LR.items()},
@@ -142,7 +144,7 @@ def _verdict(stats: dict) -> dict:
     """The issue's goals for int4 g64 QAT-KD (from round to nearest and from GPTQ), and for every
     QAT-KD arm the share of its format's RTN gap it recovers (goal 90%, ppl ratio and KL)."""
     v = {}
-    goal_arms = [a for a in stats if a.startswith("qat_kd_") and a.endswith("int4_g64")]
+    goal_arms = [a for a in stats if a.startswith("qat_kd_") and format_of(a) in INT4_G64 and not a.endswith("_600")]
     for arm in goal_arms:
         for m, goal, better in (("ppl_ratio", 1.05, "lower"), ("kl", 0.17, "lower"), ("top1_agreement", 0.80, "higher")):
             v[f"{arm} {m} goal {goal}"] = against_goal(stats[arm][m], goal, better)
