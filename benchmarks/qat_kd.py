@@ -44,7 +44,8 @@ def ptq(weights: str, extra: str = "") -> tuple[str, str]:
 
 # every format the qat / quantize stages take, as its `weights:` mapping
 FORMATS = {"int8": "bits: 8, group_size: null", "int4_g64": "bits: 4, group_size: 64",
-           "int4_g64_asym": "bits: 4, group_size: 64, symmetric: false",  # an int8 zero point per group too
+           # asymmetric: an int8 zero point per group too, and exported dequantized (see WeightQuant.export)
+           "int4_g64_asym": "bits: 4, group_size: 64, symmetric: false, export: dequantized",
            "int4_g32": "bits: 4, group_size: 32", "fp8": "format: fp8", "nvfp4": "format: nvfp4",
            "mxfp4": "format: mxfp4"}
 FOUR_BIT = ("int4_g64", "int4_g64_asym", "int4_g32", "nvfp4", "mxfp4")  # where GPTQ and QAT from GPTQ are worth an arm
