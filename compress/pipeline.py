@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -46,17 +47,18 @@ def check_build_locks(now: float | None = None) -> None:
     silently. A lock older than STALE_LOCK_S is refused in one line naming the file."""
     import time
 
-    roots = [os.environ.get("TORCH_EXTENSIONS_DIR"), os.path.expanduser("~/.cache/torch_extensions")]
+    # torch builds in TORCH_EXTENSIONS_DIR/<op>, or else in ~/.cache/torch_extensions/<py311_cpu>/<op>
+    own = os.environ.get("TORCH_EXTENSIONS_DIR")
+    locks = [*(Path(own).glob("*/lock") if own else ()), *Path("~/.cache/torch_extensions").expanduser().glob("*/*/lock")]
     now = time.time() if now is None else now
-    for root in filter(None, roots):
-        for lock in Path(root).glob("*/*/lock"):
-            try:
-                age = now - lock.stat().st_mtime
-            except OSError:  # the build that held it just finished
-                continue
-            if age > STALE_LOCK_S:
-                raise CompressError(f"{lock} is {age / 60:.0f} min old: a killed extension build left it and DeepSpeed "
-                                    "would wait on it forever; delete it (if no build is running) and start again")
+    for lock in locks:
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:  # the build that held it just finished
+            continue
+        if age > STALE_LOCK_S:
+            raise CompressError(f"{lock} is {age / 60:.0f} min old: a killed extension build left it and DeepSpeed "
+                                "would wait on it forever; delete it (if no build is running) and start again")
 
 
 _held: dict = {}  # output_dir -> its open lock file, for this process's life
@@ -89,8 +91,21 @@ def hold_output_dir(out: Path) -> None:
     _held[key] = f
 
 
+def extensions_dir() -> str | None:
+    """Where DeepSpeed's JIT op is built when TORCH_EXTENSIONS_DIR is unset: inside the virtual
+    environment. torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by every environment
+    and checkout on the machine: two venvs (or two clones' venvs) with different paths or torch builds
+    rebuild the op in turn, each start taking its lock, and a start killed then leaves the lock for all
+    of them. None outside a venv (a system prefix may not be writable): torch's default stays."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed; plain ``python`` gets single-process defaults."""
+    if (own := extensions_dir()) is not None:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", own)
     check_build_locks()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)

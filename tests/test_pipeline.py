@@ -1,6 +1,8 @@
 """End to end on tiny models, the way users run it: `python launch/distill.py --recipe ...`."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,8 @@ def test_distill_end_to_end(tiny_teacher, tmp_path):
     assert (out / "recipe.yaml").is_file()
     ckpts = sorted(p.name for p in (out / "stages/0-distill/checkpoints").iterdir())
     assert ckpts == ["step_0000008", "step_0000012"], ckpts  # keep_checkpoints=2
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:  # DeepSpeed's op: in this venv
+        assert list(Path(sys.prefix, "torch_extensions").glob("deepspeed_shm_comm/*.so"))
 
 
 def test_multi_stage_and_finished_stages_are_skipped(tiny_teacher, tmp_path):
@@ -141,25 +145,38 @@ def test_gpu_run_trains_in_bf16(tiny_teacher, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "final").dtype == torch.bfloat16
 
 
-def test_a_stale_extension_build_lock_is_refused_not_waited_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["TORCH_EXTENSIONS_DIR/op", "~/.cache/torch_extensions/py311_cpu/op"])
+def test_a_stale_extension_build_lock_is_refused_not_waited_on(tmp_path, monkeypatch, where):
     """A JIT build killed midway leaves its lock, and DeepSpeed's next start would wait forever;
-    one older than STALE_LOCK_S is refused naming the file, a fresh one (a build running) is not."""
-    import os
-
+    one older than STALE_LOCK_S is refused naming the file, a fresh one (a build running) is not.
+    Both of torch's layouts: the op's folder right in TORCH_EXTENSIONS_DIR, or in the home cache
+    under a python/cuda folder."""
     from compress.errors import CompressError
     from compress.pipeline import STALE_LOCK_S, check_build_locks
 
-    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # only these folders
+    root = tmp_path / "own" if where.startswith("TORCH") else tmp_path / "home/.cache/torch_extensions/py311_cpu"
+    lock = root / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # only this folder
     now = lock.stat().st_mtime
     check_build_locks(now + 60)  # a build in progress: waited on, as DeepSpeed does
     with pytest.raises(CompressError, match=f"{lock}.*delete it"):
         check_build_locks(now + STALE_LOCK_S + 60)
     os.remove(lock)
     check_build_locks(now + STALE_LOCK_S + 60)
+
+
+def test_deepspeed_ops_are_built_in_the_environment_not_in_the_shared_home_cache(monkeypatch):
+    """Two venvs sharing ~/.cache/torch_extensions rebuild the op in turn under one lock; ours builds in its own."""
+    from compress.pipeline import extensions_dir
+
+    monkeypatch.setattr(sys, "prefix", "/opt/venv-a")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    assert extensions_dir() == "/opt/venv-a/torch_extensions"
+    monkeypatch.setattr(sys, "base_prefix", "/opt/venv-a")  # no venv: torch's default
+    assert extensions_dir() is None
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
