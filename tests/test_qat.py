@@ -221,7 +221,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
             assert torch.equal(fmt.qdq(latent, qp), q), name  # and is what the latent weight rounds to
             assert (latent - q).abs().max() > 0, name  # which is not on the grid itself
             err = (x @ (q - w).t()).pow(2).mean()
-            assert err < 0.85 * rtn, (name, act_order, float(err), float(rtn))  # measured 0.41-0.81
+            assert err < 0.85 * rtn, (name, act_order, float(err), float(rtn))  # measured 0.42-0.80
 
 
 OBSERVED = [("int4 g32", ("int", 4, 32)), ("int4 g32 asym", ("int", 4, 32, False)), ("int8 channel", ("int", 8, None)),
@@ -386,7 +386,7 @@ def test_blockwise_reconstruction_brings_the_quantized_model_closer_to_the_origi
     # lr 3e-5: this model's weights (std 0.02) span a few grid steps, and 1e-4 overshoots GPTQ's start here
     errors = blockwise_model(model, blocks, originals, epochs=2, lr=3e-5, log=lambda *_: None)
     assert set(errors) == {0, 1} and sum(e[1] for e in errors.values()) < 0.85 * sum(e[0] for e in errors.values())
-    assert _logit_gap(model, ref, ids) < 0.8 * before  # measured 0.62 / 0.57 / 0.64 of it (rtn / gptq / lsq)
+    assert _logit_gap(model, ref, ids) < 0.8 * before  # measured 0.63 / 0.69 / 0.58 of it (rtn / gptq / lsq)
     for name, m in swapped.items():
         if start == "gptq":  # GPTQ's params held fixed: the result still lies on its grid
             assert all(torch.equal(m.qparams()[k], v) for k, v in grid[name].items()), name

@@ -21,7 +21,8 @@ def reference(w, spec):
         for c0 in range(0, w.shape[1], g):
             x = w[r, c0:c0 + g].tolist()
             if spec.symmetric:
-                scale, zero = max(max(max(x), 0.0) / spec.qmax, min(min(x), 0.0) / spec.qmin), 0.0
+                lo, hi = -min(min(x), 0.0), max(max(x), 0.0)
+                scale, zero = (lo / -spec.qmin if lo > hi else hi / spec.qmax), 0.0
             else:
                 lo, hi = min(min(x), 0.0), max(max(x), 0.0)
                 scale = (hi - lo) / (spec.qmax - spec.qmin)
@@ -46,10 +47,12 @@ def test_quantize_dequantize_matches_the_reference(shape, spec):
     assert q.dtype == torch.int8 and int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
     w_hat = dequantize(q, scale, zero, spec)
     torch.testing.assert_close(w_hat, reference(w, spec), rtol=0, atol=1e-7)
-    # round to nearest: never further than half a step from the weight
+    # round to nearest: never further than half a step from the weight, but for the values beyond qmax
+    # (symmetric, when the group's largest magnitude is negative), which clip by less than one step
     g = spec.group_size or shape[1]
     step = scale.repeat_interleave(g, dim=1)
-    assert ((w - w_hat).abs() <= step / 2 + 1e-7).all()
+    clipped = w > step * (spec.qmax + 0.5) if spec.symmetric else torch.zeros_like(w, dtype=torch.bool)
+    assert ((w - w_hat).abs() <= torch.where(clipped, step, step / 2) + 1e-7).all()
     # with unrounded (fp32) scales, quantizing the dequantized weight again is exact (a fixed point);
     # bf16 scales are rounded up, so there the largest weight may land one step below qmax
     f32 = dataclasses.replace(spec, scale_dtype=torch.float32)
@@ -113,18 +116,21 @@ def test_bf16_export_weights_equal_the_fake_quant_weights_cast_to_bf16(spec):
     in_bf16 = ((q.to(torch.bfloat16) - zero.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
                * scale.to(torch.bfloat16).repeat_interleave(w.shape[1] // scale.shape[1], 1))
     assert torch.equal(in_bf16, fp32.to(torch.bfloat16))
-    if spec.symmetric:  # the grid holds the group's signed range: nothing clips
+    if spec.symmetric:  # the grid holds each group's largest magnitude; the other sign clips by < 1 step
         s = scale.repeat_interleave(w.shape[1] // scale.shape[1], 1)
-        assert ((s * spec.qmin <= w) & (w <= s * spec.qmax)).all()
+        assert ((s * spec.qmin <= w) & (w < s * (spec.qmax + 1))).all()
+        m = w.reshape(len(w), scale.shape[1], -1).abs().amax(-1)
+        assert (m <= torch.maximum(scale * spec.qmax, scale * -spec.qmin)).all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_symmetric_scale_uses_qmin_for_a_negative_extreme(bits):
     spec = IntSpec(bits, 32, True, scale_dtype=torch.float32)
     w = torch.linspace(-0.5, 0.5, 64).reshape(2, 32)
-    w[0, 3], w[1, 7] = -1.0, 1.0  # row 0: the extreme is negative; row 1: positive
+    w[0, 3], w[0, 4], w[1, 7] = -1.0, 0.99, 1.0  # row 0: the extreme is negative; row 1: positive
     q, scale, _ = quantize(w, spec)
     assert scale[0, 0] == 1.0 / -spec.qmin and int(q[0, 3]) == spec.qmin  # -8 used: a grid 8/7 finer (int4)
+    assert int(q[0, 4]) == spec.qmax  # the smaller positive extreme clips to qmax (within one step)
     assert scale[1, 0] == 1.0 / spec.qmax and int(q[1, 7]) == spec.qmax
 
 
