@@ -26,9 +26,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.common import write_results  # noqa: E402
-from compress.quant import IntSpec, _qparams, representable  # noqa: E402
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from compress.methods.qat import PROJECTIONS  # noqa: E402
+from compress.quant import IntSpec, _qparams, int_round, representable  # noqa: E402
 
 
 def _hi_lo(wg):
@@ -47,12 +46,12 @@ RULES = {
 def round_to_nearest(model, spec: IntSpec, rule) -> None:
     for layer in model.model.layers:
         for name, m in layer.named_modules():
-            if name.rsplit(".", 1)[-1] in LINEARS:
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
                 w = m.weight.float()
                 wg = w.reshape(len(w), -1, spec.group_size)
                 scale = rule(wg, spec)
                 scale = representable(torch.where(scale > 0, scale, torch.ones_like(scale)), spec.scale_dtype)[..., None]
-                m.weight.copy_((torch.clamp(torch.round(wg / scale), spec.qmin, spec.qmax) * scale).reshape(w.shape))
+                m.weight.copy_((int_round(wg, scale, 0, spec) * scale).reshape(w.shape))
 
 
 def main() -> int:

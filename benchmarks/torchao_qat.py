@@ -29,9 +29,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.common import DEFAULT_RECIPE, EQUAL_TOKENS, mean_std, pm, write_results  # noqa: E402
+from compress.methods.qat import PROJECTIONS  # noqa: E402  (the qat stage's default targets)
 from compress.tracking import format_table  # noqa: E402
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def torchao_modules():
