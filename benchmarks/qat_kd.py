@@ -7,7 +7,8 @@ Arms: ``rtn_<f>`` and ``qat_kd_<f>`` for every format f in FORMATS, ``gptq_<f>``
 ``qat_kd_gptq_<f>`` for the 4-bit ones, block-wise reconstruction (``*blockwise*``, after round to
 nearest or GPTQ, as PTQ and as QAT's start), ``qat_ce_int4_g64``, ``qat_kd_gptq_lsq_int4_g64`` (scales
 trained, LSQ; ``..._lsq_blockwise_...``: block-wise too, EfficientQAT's recipe), ``rtn_mse_<f>`` /
-``gptq_mse_<f>`` (the mse observer: each block's range shrunk to its least squared error) and a few
+``gptq_mse_<f>`` (the mse observer: each block's range shrunk to its least squared error), ``awq_*``
+(AWQ's scales first: ``awq_rtn_<f>``, ``awq_gptq_<f>``, ``..._blockwise_...``, ``qat_kd_awq_...``) and a few
 W8A8 / KV-cache PTQ settings (``--help`` lists them).
 
 Every arm is a real run of launch/distill.py on the default recipe with the student a full copy of
@@ -36,6 +37,7 @@ GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibr
 BLOCKWISE = blockwise()  # each layer trained towards the teacher's output, same 16k tokens
 BLOCKWISE_LR = {"lr3e-4": blockwise("3.0e-4"), "lr1e-3": blockwise("1.0e-3")}  # arm tag -> option (default lr 1e-4)
 KV8 = "kv_cache: {format: fp8, per_head: true}"
+AWQ = "awq: {calibration_blocks: 128}"  # AWQ's scales searched on the same 16k tokens, before RTN / GPTQ
 
 
 def ptq(weights: str, extra: str = "") -> tuple[str, str]:
@@ -66,6 +68,10 @@ ARMS = {
     # the mse observer (each block's range shrunk to its least squared error), for round to nearest and GPTQ
     **{f"rtn_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse") for f in FOUR_BIT},
     **{f"gptq_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse", GPTQ) for f in FOUR_BIT},
+    # AWQ's scales (compress.awq) before round to nearest / GPTQ / GPTQ + block-wise, and as QAT's start
+    **{f"awq_rtn_{f}": ptq(FORMATS[f], AWQ) for f in FOUR_BIT},
+    **{f"awq_gptq_{f}": ptq(FORMATS[f], f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
+    "awq_gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {BLOCKWISE}"),
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -83,6 +89,7 @@ ARMS = {
     # QAT-KD from block-wise reconstruction (after round to nearest / after GPTQ)
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     **{f"qat_kd_gptq_blockwise_{f}": qat(FORMATS[f], f"{GPTQ}, {BLOCKWISE}") for f in INT4_G64},
+    **{f"qat_kd_awq_gptq_blockwise_{f}": qat(FORMATS[f], f"{AWQ}, {GPTQ}, {BLOCKWISE}") for f in INT4_G64},
     "qat_kd_gptq_mse_blockwise_int4_g64": qat(f"{FORMATS['int4_g64']}, observer: mse", f"{GPTQ}, {BLOCKWISE}"),
     **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
        for tag, b in BLOCKWISE_LR.items()},

@@ -43,7 +43,9 @@ def test_quant_linear_forward_uses_the_dequantized_weight_and_survives_a_stage_r
     {"kind": "quantize", "method": "gptq", "gptq": {"calibration_blocks": 8}, "weights": {"bits": 4, "group_size": 32}},
     {"kind": "quantize", "method": "gptq", "gptq": {"calibration_blocks": 8}, "weights": {"bits": 4, "group_size": 32},
      "blockwise": {"calibration_blocks": 8, "epochs": 3}},
-], ids=["qat-int4-g32", "ptq-int8-channel", "gptq-int4-g32", "gptq-blockwise-int4-g32"])
+    {"kind": "quantize", "awq": {"calibration_blocks": 8}, "method": "gptq", "gptq": {"calibration_blocks": 8},
+     "weights": {"bits": 4, "group_size": 32}},
+], ids=["qat-int4-g32", "ptq-int8-channel", "gptq-int4-g32", "gptq-blockwise-int4-g32", "awq-gptq-int4-g32"])
 def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teacher, tmp_path, stage):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_teacher, tmp_path / "out", student={"init": "teacher"},
                           stages=[stage])
@@ -53,6 +55,9 @@ def test_quantized_run_exports_compressed_tensors_with_the_same_logits(tiny_teac
     if "blockwise" in stage:  # the layers were trained towards the original's outputs
         info = json.loads((out / "stages/0-quantize/transform.json").read_text())
         assert info["blockwise_tokens"] > 0 and info["blockwise_error_after"] < info["blockwise_error_before"]
+    if "awq" in stage:  # scales were searched and folded into the model that is exported
+        info = json.loads((out / "stages/0-quantize/transform.json").read_text())
+        assert info["awq_tokens"] > 0 and 0 < info["awq_alpha_mean"] and info["awq_error_ratio"] < 1
     config = json.loads((out / "final/config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert config["config_groups"]["group_0"]["weights"]["num_bits"] == stage["weights"]["bits"]

@@ -17,7 +17,9 @@ scales held fixed (the weights move on that grid), or trained from there with ``
 instead of from round to nearest. Either start can be followed by ``blockwise: {epochs: 2, lr: 1e-4}``
 (``compress.blockwise``, EfficientQAT's Block-AP): each decoder layer trained, in turn, to give the
 unquantized model's output at its depth on calibration text; on a ``quantize`` stage that is the
-PTQ result, on a ``qat`` stage where KD starts.
+PTQ result, on a ``qat`` stage where KD starts. Any of them can be preceded by ``awq: {}``
+(``compress.awq``): per-input-channel scales searched on calibration text and folded into the norm
+or linear before each group of linears, so that the same float function has easier weights.
 
 The transform swaps every targeted ``nn.Linear`` (``targets`` name suffixes, minus ``ignore``) for
 a ``QuantLinear``: float master weights, forward through the format's quantize-dequantize
@@ -43,6 +45,7 @@ from compress.methods.distill import Distill, DistillStage
 from compress.modelio import register_module
 from compress.models import head_dim
 from compress.formats import WeightFormat, weight_format
+from compress.awq import AwqConfig, check_awq
 from compress.blockwise import BlockwiseConfig, snapshot_layers
 from compress.gptq import gptq_model
 from compress.kv_quant import KVQuant, KVSpec, attach_kv_quant, calibrate_kv
@@ -244,15 +247,23 @@ def compressed_tensors_config(modules: dict[str, nn.Module], ignore: list[str]) 
             "ignore": ignore, "kv_cache_scheme": kvs.pop().ct_scheme() if kvs else None}
 
 
-def quantize_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, QuantLinear]:
-    """Swap the targeted linears for ``QuantLinear`` (in place); returns them by name."""
-    fmt, swapped = cfg.wformat(), {}
-    for name, m in list(model.named_modules()):
+def targeted_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, nn.Linear]:
+    """The float linears that ``targets`` name and ``ignore`` does not, by name (group sizes checked)."""
+    fmt, found = cfg.wformat(), {}
+    for name, m in model.named_modules():
         if not isinstance(m, nn.Linear) or isinstance(m, QuantLinear) or not any(name.endswith(t) for t in cfg.targets):
             continue
         if any(name == i or name.endswith("." + i) for i in cfg.ignore):
             continue
         fmt.check(m.in_features, name)
+        found[name] = m
+    return found
+
+
+def quantize_linears(model: nn.Module, cfg: WeightQuant) -> dict[str, QuantLinear]:
+    """Swap the targeted linears for ``QuantLinear`` (in place); returns them by name."""
+    swapped = {}
+    for name, m in targeted_linears(model, cfg).items():
         swapped[name] = QuantLinear.from_linear(m, cfg)
         model.set_submodule(name, swapped[name])
     unmatched = [t for t in cfg.targets if not any(n.endswith(t) for n in swapped)]
@@ -289,11 +300,13 @@ class GPTQConfig(Strict):
 
 
 class WeightsFrom(Strict):
-    """How the quantized weights are set before any training: round to nearest (the params follow
-    the weight at every step), or GPTQ (its compensated weights; its params then held fixed, or,
-    with ``learn_scales``, the scales training starts from); then, with ``blockwise``, each decoder
-    layer trained to reproduce the unquantized model's output at its depth."""
+    """How the quantized weights are set before any training: optionally AWQ's scales first (``awq``,
+    folded into the float model), then round to nearest (the params follow the weight at every step),
+    or GPTQ (its compensated weights; its params then held fixed, or, with ``learn_scales``, the
+    scales training starts from); then, with ``blockwise``, each decoder layer trained to reproduce
+    the unquantized model's output at its depth."""
 
+    awq: AwqConfig | None = None
     method: Literal["rtn", "gptq"] = "rtn"
     gptq: GPTQConfig = Field(default_factory=GPTQConfig)
     blockwise: BlockwiseConfig | None = None
@@ -328,13 +341,19 @@ class QuantizesWeights:
     def check(cls, cfg, recipe, configs: dict) -> None:
         super().check(cfg, recipe, configs)  # the training method's own checks, where there is one
         check_fit(cfg.weights, configs.get("student"))
+        if cfg.awq is not None:
+            check_awq(configs.get("student"))
         gguf_source(cfg.weights, recipe)
 
     def transform(self, model: nn.Module) -> nn.Module:
         cfg, ctx = self.cfg, self.ctx
+        info = {}
+        if cfg.awq is not None:  # the float model, rescaled: the same function, easier weights to quantize
+            fmt = cfg.weights.wformat()
+            info |= cfg.awq.run(model, {n: fmt for n in targeted_linears(model, cfg.weights)}, ctx)
         originals = snapshot_layers(model) if cfg.blockwise is not None else None  # the targets, before the swap
         swapped = quantize_linears(model, cfg.weights)  # RTN is this swap: its fake-quant forward is the quantized model
-        info = {"format": cfg.weights.wformat().name, "modules": len(swapped), "activations": cfg.weights.activations}
+        info |= {"format": cfg.weights.wformat().name, "modules": len(swapped), "activations": cfg.weights.activations}
         if cfg.method == "gptq":
             g = cfg.gptq
             blocks = ctx.calibration(g.calibration_blocks)
