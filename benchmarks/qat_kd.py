@@ -71,6 +71,7 @@ ARMS = {
     # AWQ's scales (compress.awq) before round to nearest / GPTQ / GPTQ + block-wise, and as QAT's start
     **{f"awq_rtn_{f}": ptq(FORMATS[f], AWQ) for f in FOUR_BIT},
     **{f"awq_gptq_{f}": ptq(FORMATS[f], f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
+    **{f"awq_gptq_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse", f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
     "awq_gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {BLOCKWISE}"),
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
