@@ -38,6 +38,7 @@ BLOCKWISE = blockwise()  # each layer trained towards the teacher's output, same
 BLOCKWISE_LR = {"lr3e-4": blockwise("3.0e-4"), "lr1e-3": blockwise("1.0e-3")}  # arm tag -> option (default lr 1e-4)
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 AWQ = "awq: {calibration_blocks: 128}"  # AWQ's scales searched on the same 16k tokens, before RTN / GPTQ
+AWQ_SCALES = {kind: f"awq: {{calibration_blocks: 128, scales: {kind}}}" for kind in ("duo", "both")}
 
 
 def ptq(weights: str, extra: str = "") -> tuple[str, str]:
@@ -71,6 +72,8 @@ ARMS = {
     # AWQ's scales (compress.awq) before round to nearest / GPTQ / GPTQ + block-wise, and as QAT's start
     **{f"awq_rtn_{f}": ptq(FORMATS[f], AWQ) for f in FOUR_BIT},
     **{f"awq_gptq_{f}": ptq(FORMATS[f], f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
+    **{f"awq_{k}_{m}_int4_g64": ptq(FORMATS["int4_g64"], a + (f", {GPTQ}" if m == "gptq" else ""))
+       for k, a in AWQ_SCALES.items() for m in ("rtn", "gptq")},
     **{f"awq_gptq_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse", f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
     "awq_gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {BLOCKWISE}"),
     # other post-training settings (no training: one seed says it all)

@@ -26,6 +26,7 @@ follows (round to nearest, GPTQ, block-wise, QAT) sees the scaled weights. On Sm
 from __future__ import annotations
 
 import time
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -49,16 +50,26 @@ class AwqConfig(Strict):
 
     calibration_blocks: int = Field(128, ge=1)  # blocks of the run's training split (seq_len tokens each)
     grid: int = Field(20, ge=1)                 # alpha in 0, 1/grid, ..., 1
+    # activation: s = m^alpha; duo: s = m^alpha / w^(1 - alpha), w the columns' mean |W| relative to their
+    # quantization block's max (AutoAWQ's and llm-compressor's duo_scaling); both: the better of the two
+    scales: Literal["activation", "duo", "both"] = "activation"
 
     def run(self, model: nn.Module, formats: dict[str, WeightFormat], ctx) -> dict:
         """``awq_model`` on the run's calibration text; what the transform reports."""
         t0 = time.time()
         blocks = ctx.calibration(self.calibration_blocks)
-        stats = awq_model(model, blocks, formats, self.grid, ctx.recipe.train.micro_batch_size)
-        alphas = [a for a, _, _ in stats.values()]
+        stats = awq_model(model, blocks, formats, self.grid, self.scales, ctx.recipe.train.micro_batch_size)
         return {"awq_tokens": blocks.numel(), "awq_seconds": round(time.time() - t0, 1),
-                "awq_alpha_mean": round(sum(alphas) / len(alphas), 3),
-                "awq_error_ratio": round(sum(e for _, e, _ in stats.values()) / sum(e for _, _, e in stats.values()), 4)}
+                "awq_alpha_mean": round(sum(s.alpha for s in stats.values()) / len(stats), 3),
+                "awq_duo_groups": sum(s.duo for s in stats.values()), "awq_groups": len(stats),
+                "awq_error_ratio": round(sum(s.error for s in stats.values()) / sum(s.base for s in stats.values()), 4)}
+
+
+class GroupScale(NamedTuple):
+    alpha: float
+    duo: bool     # s = m^alpha / w^(1 - alpha) rather than m^alpha
+    error: float  # group_error with s
+    base: float   # group_error without a scale
 
 
 def check_awq(model_cfg) -> None:
@@ -78,20 +89,32 @@ def group_error(weights: list[torch.Tensor], fmts: list[WeightFormat], H: torch.
     return err
 
 
+def relative_weight(weights: list[torch.Tensor], fmts: list[WeightFormat]) -> torch.Tensor:
+    """Per input column, the mean over the group's rows of |W| / (its quantization block's max |W|)."""
+    rel = [(fmt.grouped(w).abs() / fmt.grouped(w).abs().amax(-1, keepdim=True).clamp_min(1e-8)).reshape(w.shape)
+           for w, fmt in zip(weights, fmts)]
+    return torch.cat(rel).mean(0)
+
+
 def search_scale(weights: list[torch.Tensor], fmts: list[WeightFormat], H: torch.Tensor, mean_abs: torch.Tensor,
-                 grid: int, expand=lambda s: s) -> tuple[torch.Tensor, float, float, float]:
-    """(s, alpha, its error, the error at alpha = 0) of the alpha in 0, 1/grid, ..., 1 with the least
-    ``group_error``; ``expand`` maps s (one per ``mean_abs`` channel) onto the linears' input columns."""
+                 grid: int, scales: str = "activation", expand=lambda s: s,
+                 reduce=lambda m: m) -> tuple[torch.Tensor, GroupScale]:
+    """(s, its GroupScale): of alpha in 0, 1/grid, ..., 1 (and s = m^alpha or m^alpha / w^(1 - alpha), as
+    ``scales`` says), the s with the least ``group_error``. s has one entry per ``mean_abs`` channel;
+    ``expand`` maps it onto the linears' input columns and ``reduce`` maps a per-column statistic onto it."""
     m = mean_abs.float().clamp_min(1e-5)
-    best = (torch.ones_like(m), 0.0, group_error(weights, fmts, H, expand(torch.ones_like(m))))
-    base = best[2]
+    w = reduce(relative_weight(weights, fmts)).clamp_min(1e-4)
+    base = group_error(weights, fmts, H, expand(torch.ones_like(m)))
+    best = torch.ones_like(m), GroupScale(0.0, False, base, base)
+    kinds = {"activation": (False,), "duo": (True,), "both": (False, True)}[scales]
     for i in range(1, grid + 1):
-        s = m.pow(i / grid)
-        s = s / (s.max() * s.min()).sqrt()
-        err = group_error(weights, fmts, H, expand(s))
-        if err < best[2]:
-            best = (s, i / grid, err)
-    return (*best, base)
+        for duo in kinds:
+            s = m.pow(i / grid) / (w.pow(1 - i / grid) if duo else 1)
+            s = s / (s.max() * s.min()).sqrt()
+            err = group_error(weights, fmts, H, expand(s))
+            if err < best[1].error:
+                best = s, GroupScale(i / grid, duo, err, base)
+    return best
 
 
 def _fold(source: nn.Module, s: torch.Tensor) -> None:
@@ -104,10 +127,9 @@ def _fold(source: nn.Module, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def awq_model(model: nn.Module, blocks: torch.Tensor, formats: dict[str, WeightFormat], grid: int = 20,
-              batch_size: int = 8, log=print) -> dict[str, tuple[float, float, float]]:
+              scales: str = "activation", batch_size: int = 8, log=print) -> dict[str, GroupScale]:
     """Search and fold AWQ scales into every decoder layer of ``model`` (float, not yet quantized) for
-    the linears named in ``formats``; returns per group (named by its first linear) (alpha, error,
-    error without a scale)."""
+    the linears named in ``formats``; returns each group's ``GroupScale``, named by its first linear."""
     cfg = model.config
     check_awq(cfg)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -120,7 +142,7 @@ def awq_model(model: nn.Module, blocks: torch.Tensor, formats: dict[str, WeightF
     def kv_mean(m):  # o_proj's inputs' mean |x| per column -> per KV channel
         return m.view(kv_heads, share, hd).mean(1).reshape(-1)
 
-    stats: dict[str, tuple[float, float, float]] = {}
+    stats: dict[str, GroupScale] = {}
 
     def step(li, layer, run, tokens):
         prefix = f"model.layers.{li}."
@@ -150,16 +172,16 @@ def awq_model(model: nn.Module, blocks: torch.Tensor, formats: dict[str, WeightF
             lins = [layer.get_submodule(p) for p in mine]
             o_group = source == "self_attn.v_proj"
             mean_abs = total[source] / tokens
-            s, alpha, err, base = search_scale(
+            s, stats[prefix + mine[0]] = search_scale(
                 [lin.weight.float() for lin in lins], [formats[prefix + p] for p in mine], H[source] / tokens,
-                kv_mean(mean_abs) if o_group else mean_abs, grid, kv_expand if o_group else (lambda s: s))
+                kv_mean(mean_abs) if o_group else mean_abs, grid, scales,
+                *((kv_expand, kv_mean) if o_group else ()))
             for lin in lins:
                 full = kv_expand(s) if o_group else s
                 lin.weight.copy_((lin.weight.float() * full).to(lin.weight.dtype))
             _fold(layer.get_submodule(source), s)
-            stats[prefix + mine[0]] = (alpha, err, base)
-        log(f"awq: layer {li + 1}/{len(model.model.layers)}, alphas "
-            + " ".join(f"{stats[prefix + mine[0]][0]:.2f}" for _, mine in groups))
+        log(f"awq: layer {li + 1}/{len(model.model.layers)}, alphas " + " ".join(
+            f"{stats[prefix + mine[0]].alpha:.2f}{'d' if stats[prefix + mine[0]].duo else ''}" for _, mine in groups))
 
     each_layer(model, blocks, step, batch_size)
     return stats

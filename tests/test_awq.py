@@ -43,13 +43,14 @@ BLOCKS = torch.randint(0, 300, (32, 32), generator=torch.Generator().manual_seed
 IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-def test_awq_scales_change_the_weights_not_the_float_model():
+@pytest.mark.parametrize("scales", ["activation", "duo"])
+def test_awq_scales_change_the_weights_not_the_float_model(scales):
     """Every group gets a scale (alpha > 0) and the folded model gives the same logits: the norms, v's
     rows (one scale per KV channel, shared by the two query heads reading it) and up's rows absorb it."""
     model, ref = outlier_model(), outlier_model()
-    stats = awq_model(model, BLOCKS, formats(model), log=lambda *_: None)
-    assert len(stats) == 8 and all(alpha > 0 for alpha, _, _ in stats.values()), stats
-    assert all(err < base for _, err, base in stats.values())  # the searched error falls below the unscaled one
+    stats = awq_model(model, BLOCKS, formats(model), scales=scales, log=lambda *_: None)
+    assert len(stats) == 8 and all(s.alpha > 0 and s.duo == (scales == "duo") for s in stats.values()), stats
+    assert all(s.error < s.base for s in stats.values())  # the searched error falls below the unscaled one
     layer, orig = model.model.layers[0], ref.model.layers[0]
     for path in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "input_layernorm"):
         assert not torch.equal(layer.get_submodule(path).weight, orig.get_submodule(path).weight), path
@@ -67,6 +68,16 @@ def test_awq_then_round_to_nearest_is_closer_to_the_float_model_than_round_to_ne
         target = ref(IDS).logits
         gap = (model(IDS).logits - target).pow(2).mean() / (plain(IDS).logits - target).pow(2).mean()
     assert gap < 0.7, gap  # measured 0.43 on held-out tokens
+
+
+def test_awq_both_takes_the_better_scale_of_each_group():
+    errors = {}
+    for scales in ("activation", "duo", "both"):
+        model = outlier_model()
+        errors[scales] = awq_model(model, BLOCKS, formats(model), scales=scales, log=lambda *_: None)
+    for name, both in errors["both"].items():
+        assert both.error == pytest.approx(min(errors["activation"][name].error, errors["duo"][name].error), rel=1e-6)
+    assert len({s.duo for s in errors["both"].values()}) == 2  # each kind wins somewhere here
 
 
 def test_awq_scales_only_the_targeted_linears():
