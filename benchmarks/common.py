@@ -40,7 +40,7 @@ def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> 
 
 # options added to the schema since some runs were made, whose default is not None: a run made
 # before one of them ran with its default
-LATER_DEFAULTS = {"observer": "minmax", "accept_top_k": 25}
+LATER_DEFAULTS = {"observer": "minmax", "accept_top_k": 25, "scales": "activation"}
 
 
 def same_recipe(old, new) -> bool:
