@@ -32,10 +32,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.calibration import each_layer
+from compress.calibration import decoder_layers, each_layer, input_moments
 from compress.config import Strict
 from compress.errors import CompressError
 from compress.formats import WeightFormat
+from compress.models import head_dim
 
 # (the op whose output feeds the group, the group's linears), as attribute paths in a decoder layer
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -91,8 +92,10 @@ def group_error(weights: list[torch.Tensor], fmts: list[WeightFormat], H: torch.
 
 def relative_weight(weights: list[torch.Tensor], fmts: list[WeightFormat]) -> torch.Tensor:
     """Per input column, the mean over the group's rows of |W| / (its quantization block's max |W|)."""
-    rel = [(fmt.grouped(w).abs() / fmt.grouped(w).abs().amax(-1, keepdim=True).clamp_min(1e-8)).reshape(w.shape)
-           for w, fmt in zip(weights, fmts)]
+    rel = []
+    for w, fmt in zip(weights, fmts):
+        g = fmt.grouped(w).abs()
+        rel.append((g / g.amax(-1, keepdim=True).clamp_min(1e-8)).reshape(w.shape))
     return torch.cat(rel).mean(0)
 
 
@@ -103,10 +106,10 @@ def search_scale(weights: list[torch.Tensor], fmts: list[WeightFormat], H: torch
     ``scales`` says), the s with the least ``group_error``. s has one entry per ``mean_abs`` channel;
     ``expand`` maps it onto the linears' input columns and ``reduce`` maps a per-column statistic onto it."""
     m = mean_abs.float().clamp_min(1e-5)
-    w = reduce(relative_weight(weights, fmts)).clamp_min(1e-4)
+    kinds = {"activation": (False,), "duo": (True,), "both": (False, True)}[scales]
+    w = reduce(relative_weight(weights, fmts)).clamp_min(1e-4) if True in kinds else None
     base = group_error(weights, fmts, H, expand(torch.ones_like(m)))
     best = torch.ones_like(m), GroupScale(0.0, False, base, base)
-    kinds = {"activation": (False,), "duo": (True,), "both": (False, True)}[scales]
     for i in range(1, grid + 1):
         for duo in kinds:
             s = m.pow(i / grid) / (w.pow(1 - i / grid) if duo else 1)
@@ -133,7 +136,7 @@ def awq_model(model: nn.Module, blocks: torch.Tensor, formats: dict[str, WeightF
     cfg = model.config
     check_awq(cfg)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    hd = head_dim(cfg)
     share = heads // kv_heads
 
     def kv_expand(s):  # one scale per KV channel -> o_proj's input columns (head h reads KV head h // share)
@@ -151,36 +154,21 @@ def awq_model(model: nn.Module, blocks: torch.Tensor, formats: dict[str, WeightF
             mine = [p for p in paths if prefix + p in formats]
             if mine:
                 groups.append((source, mine))
-        taps = {source: layer.get_submodule(mine[0]) for source, mine in groups}
-        H = {k: 0.0 for k in taps}
-        total = {k: 0.0 for k in taps}
-
-        def tap(key):
-            def hook(m, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                H[key] = H[key] + x.t() @ x
-                total[key] = total[key] + x.abs().sum(0)
-            return hook
-
-        hooks = [m.register_forward_pre_hook(tap(k)) for k, m in taps.items()]
-        try:
-            run()
-        finally:
-            for h in hooks:
-                h.remove()
+        xtx, abs_sum = input_moments({source: layer.get_submodule(mine[0]) for source, mine in groups}, run,
+                                     absolute=True)
         for source, mine in groups:
             lins = [layer.get_submodule(p) for p in mine]
             o_group = source == "self_attn.v_proj"
-            mean_abs = total[source] / tokens
+            mean_abs = abs_sum[source] / tokens
             s, stats[prefix + mine[0]] = search_scale(
-                [lin.weight.float() for lin in lins], [formats[prefix + p] for p in mine], H[source] / tokens,
+                [lin.weight.float() for lin in lins], [formats[prefix + p] for p in mine], xtx[source] / tokens,
                 kv_mean(mean_abs) if o_group else mean_abs, grid, scales,
                 *((kv_expand, kv_mean) if o_group else ()))
+            full = kv_expand(s) if o_group else s
             for lin in lins:
-                full = kv_expand(s) if o_group else s
                 lin.weight.copy_((lin.weight.float() * full).to(lin.weight.dtype))
             _fold(layer.get_submodule(source), s)
-        log(f"awq: layer {li + 1}/{len(model.model.layers)}, alphas " + " ".join(
+        log(f"awq: layer {li + 1}/{len(decoder_layers(model))}, alphas " + " ".join(
             f"{stats[prefix + mine[0]].alpha:.2f}{'d' if stats[prefix + mine[0]].duo else ''}" for _, mine in groups))
 
     each_layer(model, blocks, step, batch_size)

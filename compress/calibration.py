@@ -5,6 +5,7 @@ is edited on the inputs the already-edited layers before it produce.
     each_layer(model, blocks, step)            # step(index, layer, run, tokens) per layer, in order
     layerwise(model, blocks, modules, solve)   # the same with H = 2 X^T X / tokens of each module's
                                                # inputs, then solve(name, module, H)
+    input_moments(taps, run)                   # the input statistics both gather, as a layer runs
 """
 
 from __future__ import annotations
@@ -69,6 +70,31 @@ def each_layer(model: nn.Module, blocks: torch.Tensor, step, batch_size: int = 8
         inputs = [with_hidden(args, kwargs, layer_output(layer(*args, **kwargs))) for args, kwargs in inputs]
 
 
+def input_moments(taps: dict[str, nn.Linear], run, absolute: bool = False) -> tuple[dict, dict]:
+    """Call ``run()`` with each of ``taps``' linears (key -> module) watched; per key, the sum over the
+    tokens of its input's X^T X (float32, (in, in)) and, with ``absolute``, of |x| per input feature."""
+    xtx = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+           for k, m in taps.items()}
+    abs_sum = {k: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for k, m in taps.items()} \
+        if absolute else {}
+
+    def watch(key):
+        def hook(m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            xtx[key].add_(x.t() @ x)
+            if absolute:
+                abs_sum[key].add_(x.abs().sum(0))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(watch(k)) for k, m in taps.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return xtx, abs_sum
+
+
 def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Module], solve, batch_size: int = 8,
               log=print, what: str = "gptq") -> dict[str, float]:
     """``each_layer`` with H = 2 X^T X / tokens of each of the layer's ``modules``' inputs, then
@@ -78,23 +104,9 @@ def layerwise(model: nn.Module, blocks: torch.Tensor, modules: dict[str, nn.Modu
 
     def step(li, layer, run, tokens):
         mine = {n: m for n, m in modules.items() if n.startswith(f"model.layers.{li}.")}
-        H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
-             for n, m in mine.items()}
-
-        def add(name):
-            def hook(m, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                H[name].add_(2 * x.t() @ x)
-            return hook
-
-        hooks = [m.register_forward_pre_hook(add(n)) for n, m in mine.items()]
-        try:
-            run()
-        finally:
-            for h in hooks:
-                h.remove()
+        xtx, _ = input_moments(mine, run)
         for name, m in mine.items():
-            losses[name] = solve(name, m, H[name] / tokens)
+            losses[name] = solve(name, m, 2 * xtx[name] / tokens)
         log(f"{what}: layer {li + 1}/{n_layers}, loss {sum(losses[n] for n in mine):.4g}")
 
     each_layer(model, blocks, step, batch_size)
