@@ -19,10 +19,12 @@ DEFAULT_RECIPE = REPO / "recipes/smollm2_distill.yaml"  # what the method benchm
 EQUAL_TOKENS = ["train.max_steps=150", "train.lr=5.0e-5", "train.warmup_steps=10"]
 
 
-def blockwise(lr: str | None = None) -> str:
+def blockwise(lr: str | None = None, blocks: int = 128, epochs: int | None = None) -> str:
     """A stage's ``blockwise:`` option as the method sweeps set it: 128 calibration blocks (16k tokens,
-    GPTQ's and SparseGPT's), and ``lr`` (a YAML float) where not the default 1e-4."""
-    return f"blockwise: {{calibration_blocks: 128{f', lr: {lr}' if lr else ''}}}"
+    GPTQ's and SparseGPT's) unless ``blocks``, and ``lr`` (a YAML float) and ``epochs`` where not the
+    defaults (1e-4, 2)."""
+    extra = (f", lr: {lr}" if lr else "") + (f", epochs: {epochs}" if epochs else "")
+    return f"blockwise: {{calibration_blocks: {blocks}{extra}}}"
 
 
 def plan_run(label: str, recipe_path: Path, out: Path, overrides: list[str]) -> tuple[Path, list[str], dict]:

@@ -36,6 +36,8 @@ TRAIN_600 = [*TRAIN, "train.max_steps=600", "train.eval_every=150"]  # 4x the to
 GPTQ = "method: gptq, gptq: {calibration_blocks: 128}"  # 128 x 128 = 16k calibration tokens
 BLOCKWISE = blockwise()  # each layer trained towards the teacher's output, same 16k tokens
 BLOCKWISE_LR = {"lr3e-4": blockwise("3.0e-4"), "lr1e-3": blockwise("1.0e-3")}  # arm tag -> option (default lr 1e-4)
+# block-wise on more calibration text (512 blocks: 64k tokens) and for more epochs: arm tag -> option
+BLOCKWISE_MORE = {"blockwise512": blockwise(blocks=512), "blockwise512e4": blockwise(blocks=512, epochs=4)}
 KV8 = "kv_cache: {format: fp8, per_head: true}"
 AWQ = "awq: {calibration_blocks: 128}"  # AWQ's scales searched on the same 16k tokens, before RTN / GPTQ
 AWQ_SCALES = {kind: f"awq: {{calibration_blocks: 128, scales: {kind}}}" for kind in ("duo", "both")}
@@ -76,6 +78,7 @@ ARMS = {
        for k, a in AWQ_SCALES.items() for m in ("rtn", "gptq")},
     **{f"awq_gptq_mse_{f}": ptq(f"{FORMATS[f]}, observer: mse", f"{AWQ}, {GPTQ}") for f in FOUR_BIT},
     "awq_gptq_blockwise_int4_g64": ptq(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {BLOCKWISE}"),
+    **{f"awq_gptq_{tag}_int4_g64": ptq(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {b}") for tag, b in BLOCKWISE_MORE.items()},
     # other post-training settings (no training: one seed says it all)
     "rtn_w8a8_fp8": ptq("format: fp8, activations: fp8"),
     "rtn_w8a8_int8": ptq("bits: 8, group_size: null, activations: int8"),
@@ -94,6 +97,8 @@ ARMS = {
     "qat_kd_blockwise_int4_g64": qat(FORMATS["int4_g64"], BLOCKWISE),
     **{f"qat_kd_gptq_blockwise_{f}": qat(FORMATS[f], f"{GPTQ}, {BLOCKWISE}") for f in INT4_G64},
     **{f"qat_kd_awq_gptq_blockwise_{f}": qat(FORMATS[f], f"{AWQ}, {GPTQ}, {BLOCKWISE}") for f in INT4_G64},
+    **{f"qat_kd_awq_gptq_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{AWQ}, {GPTQ}, {b}")
+       for tag, b in BLOCKWISE_MORE.items()},
     "qat_kd_gptq_mse_blockwise_int4_g64": qat(f"{FORMATS['int4_g64']}, observer: mse", f"{GPTQ}, {BLOCKWISE}"),
     **{f"qat_kd_gptq_blockwise_{tag}_int4_g64": qat(FORMATS["int4_g64"], f"{GPTQ}, {b}")
        for tag, b in BLOCKWISE_LR.items()},
